@@ -1,0 +1,134 @@
+// The driver contract: the one interface every protocol driver (file, memory, null) and
+// format driver (raw, qcow2) implements. Drivers only do what their layer does; everything
+// generic (bounds, alignment padding, splitting, FUA emulation, zero emulation, flush order,
+// write generation, backing-chain walks) lives once in BlockNode (node.ts).
+//
+// Buffers: a request carries one Buffer. Buffer.subarray() gives zero-copy views, so the
+// iovec arrays of QEMU's preadv/pwritev are not needed to split a request.
+
+import type { BlockNode } from './node.js';
+
+/** Request flags (bits). Each maps to an NBD command flag. */
+export const REQ_FUA = 1 << 0; //         NBD_CMD_FLAG_FUA: stable before the request completes
+export const REQ_MAY_UNMAP = 1 << 1; //   !NBD_CMD_FLAG_NO_HOLE: write-zeroes may punch a hole
+export const REQ_NO_FALLBACK = 1 << 2; // NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than write zeros slowly
+
+/** nbdkit-style three-valued capability: emulation, where needed, lives in BlockNode. */
+export type Capability = 'none' | 'emulate' | 'native';
+
+export interface BlockLimits {
+  /** Offsets and lengths reaching the driver are multiples of this; BlockNode pads by RMW. */
+  requestAlignment: number;
+  /** Largest single request handed to the driver; BlockNode splits larger ones. */
+  maxTransfer: number;
+  /** Preferred request size (cluster size for qcow2); informational (NBD BLOCK_SIZE). */
+  optimalTransfer?: number;
+}
+
+export interface DriverCaps {
+  /** FUA on writes: 'native' means the driver honours REQ_FUA itself. Otherwise write+flush. */
+  fua: Capability;
+  /** pwriteZeroes: 'native' means efficient (and REQ_NO_FALLBACK may succeed). */
+  writeZeroes: Capability;
+  /** pdiscard does something (frees space); 'none' makes discard a no-op. */
+  discard: Capability;
+}
+
+/** One run of block status for one layer (QEMU's BDRV_BLOCK_* bits). */
+export interface Extent {
+  offset: number;
+  length: number;
+  /** BDRV_BLOCK_DATA: the range is backed by data in this layer (or below, see `allocated`). */
+  data: boolean;
+  /** BDRV_BLOCK_ZERO: the range reads as zeros. */
+  zero: boolean;
+  /** BDRV_BLOCK_ALLOCATED: this layer answers for the range; false means "ask the backing". */
+  allocated: boolean;
+  /** BDRV_BLOCK_OFFSET_VALID: where the range lives in the node named by `hostNode`. */
+  hostOffset?: number;
+  /** Filename of the node that holds the bytes at hostOffset (for `map` human output). */
+  hostFile?: string;
+}
+
+/** Extents from a walk of a backing chain: depth 0 is the top. */
+export interface ChainExtent extends Extent {
+  depth: number;
+}
+
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+
+export interface BlockDriver {
+  /** Driver name as QEMU spells it: 'file', 'host_device', 'memory', 'null-co', 'raw', 'qcow2'. */
+  readonly driverName: string;
+  /** Named children (QEMU's "file" and "backing"), for flush recursion and chain walks. */
+  readonly children: { file?: BlockNode; backing?: BlockNode | null };
+  readonly caps: DriverCaps;
+  limits(): BlockLimits;
+  getLength(): number;
+
+  pread(offset: number, buf: Buffer): Promise<void>;
+  pwrite(offset: number, buf: Buffer, flags: number): Promise<void>;
+  /** Only called when caps.writeZeroes !== 'none'. May throw ENOTSUP for a given request. */
+  pwriteZeroes?(offset: number, length: number, flags: number): Promise<void>;
+  /** Only called when caps.discard !== 'none'. */
+  pdiscard?(offset: number, length: number): Promise<void>;
+  /** This layer only. Must cover at least one byte from `offset`; may return less than asked. */
+  blockStatus?(offset: number, length: number): Promise<Extent[]>;
+  /** Write the driver's own caches (qcow2 metadata) to its children. Runs even with no-flush. */
+  flushToOs?(): Promise<void>;
+  /** Make what reached this driver stable (fdatasync). Skipped when nothing was written. */
+  flushToDisk?(): Promise<void>;
+  truncate?(length: number, prealloc: Preallocation): Promise<void>;
+  close(): Promise<void>;
+  /** Format-specific facts for `info` (qemu-img's "format-specific" data), and allocation size. */
+  info?(): Promise<DriverInfo>;
+}
+
+export interface DriverInfo {
+  /** qemu-img's `format-specific` object, e.g. {type:'qcow2', data:{compat:'1.1', ...}}. */
+  formatSpecific?: { type: string; data: Record<string, unknown> };
+  /** For `info`: the backing file name as stored, and its format. */
+  backingFilename?: string;
+  backingFormat?: string;
+  fullBackingFilename?: string;
+  clusterSize?: number;
+  dirtyFlag?: boolean;
+  corrupt?: boolean;
+  /** Snapshots as qemu-img's JSON lists them. */
+  snapshots?: Array<Record<string, unknown>>;
+  /** Free-form lines for human output (e.g. "native addon: not loaded"). */
+  notes?: string[];
+}
+
+/** What a format driver gets when it is opened on top of its file node. */
+export interface FormatOpenContext {
+  filename: string;
+  readOnly: boolean;
+  /** Driver-specific options (-o / --image-opts style), e.g. 'l2-cache-size'. */
+  options: Record<string, string>;
+  /** Open a backing file; relative names are resolved against `filename`'s directory. */
+  openBacking(name: string, format: string | undefined): Promise<BlockNode>;
+  /** When false, do not open the backing file at all (qemu-img info, rebase -u). */
+  wantBacking: boolean;
+}
+
+export interface FormatCreateContext {
+  filename: string;
+  size: number;
+  options: Record<string, string>;
+  backingFile?: string;
+  backingFormat?: string;
+  /** Opens the backing file to learn its size when SIZE is not given. */
+  openBacking(name: string, format: string | undefined): Promise<BlockNode>;
+}
+
+export interface FormatDriverFactory {
+  readonly name: string;
+  /** Score 0..100 that `head` (first 2 KiB of the file) is this format. */
+  probe(head: Buffer, filename: string): number;
+  open(file: BlockNode, ctx: FormatOpenContext): Promise<BlockDriver>;
+  /** Lay a new empty image onto an already created (empty, writable) file node. */
+  create?(file: BlockNode, ctx: FormatCreateContext): Promise<void>;
+  /** Options `create -o` accepts, for error messages and help. */
+  readonly createOptions: readonly string[];
+}

@@ -1,0 +1,139 @@
+// Building graphs: open an image (protocol node, then format node, then its backing chain)
+// and create new images. The format registry lives here.
+import path from 'node:path';
+import fs from 'node:fs/promises';
+import type { FormatDriverFactory, FormatOpenContext } from './driver.js';
+import { BlockNode } from './node.js';
+import { CACHE_MODES, type CacheOptions } from './cache-mode.js';
+import { VdiskError, invalidArgument, unsupported } from './errors.js';
+import { openFile, createFile } from '../protocols/file-posix.js';
+import { openNull, NULL_DEFAULT_SIZE } from '../protocols/null.js';
+import { rawFormat } from '../formats/raw.js';
+
+export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat]]);
+
+export function registerFormat(f: FormatDriverFactory): void {
+  formats.set(f.name, f);
+}
+
+export function getFormat(name: string): FormatDriverFactory {
+  const f = formats.get(name);
+  if (!f) throw invalidArgument(`Unknown driver '${name}' (supported formats: ${[...formats.keys()].join(', ')})`);
+  return f;
+}
+
+/** Longest backing chain we follow (QEMU has no fixed limit; 64 deep is far past real use). */
+export const MAX_CHAIN_DEPTH = 64;
+
+export interface OpenOptions {
+  /** Format name; probed from the first bytes when absent. */
+  format?: string;
+  cache?: CacheOptions;
+  readOnly?: boolean;
+  /** Open the backing chain (default true). */
+  backing?: boolean;
+  /** Format driver options (e.g. l2-cache-size, raw offset/size). */
+  options?: Record<string, string>;
+}
+
+const PROBE_BYTES = 2048;
+
+export async function openImage(filename: string, opts: OpenOptions = {}): Promise<BlockNode> {
+  return openInChain(filename, opts, []);
+}
+
+async function openInChain(filename: string, opts: OpenOptions, chain: string[]): Promise<BlockNode> {
+  const cache = opts.cache ?? CACHE_MODES.writeback;
+  const readOnly = opts.readOnly ?? false;
+  const file = await openProtocol(filename, { readOnly, direct: cache.direct, noFlush: cache.noFlush });
+  try {
+    const format = opts.format ? getFormat(opts.format) : await probeFormat(file, filename);
+    const real = file.filename.startsWith('null-co:') ? filename : await fs.realpath(filename).catch(() => filename);
+    const myChain = [...chain, real];
+    const ctx: FormatOpenContext = {
+      filename,
+      readOnly,
+      options: opts.options ?? {},
+      wantBacking: opts.backing ?? true,
+      openBacking: async (name: string, backingFormat: string | undefined) => {
+        const resolved = resolveBackingName(filename, name);
+        const realBacking = await fs.realpath(resolved).catch(() => resolved);
+        if (myChain.includes(realBacking)) {
+          throw new VdiskError('ELOOP', 'invalid-format',
+            `Backing file loop: ${[...myChain, realBacking].map((p) => path.basename(p)).join(' -> ')}`);
+        }
+        if (myChain.length >= MAX_CHAIN_DEPTH) {
+          throw new VdiskError('ELOOP', 'invalid-format', `${filename}: backing chain is deeper than ${MAX_CHAIN_DEPTH}`);
+        }
+        return openInChain(resolved, { format: backingFormat, cache, readOnly: true, backing: true }, myChain);
+      },
+    };
+    const driver = await format.open(file, ctx);
+    return new BlockNode(driver, { filename, readOnly, noFlush: cache.noFlush });
+  } catch (err) {
+    await file.close().catch(() => {});
+    throw err;
+  }
+}
+
+/** Backing names are file names: protocol prefixes and json: are refused. */
+export function resolveBackingName(imageFilename: string, name: string): string {
+  if (/^[a-zA-Z][a-zA-Z0-9+.-]*:/.test(name)) {
+    throw unsupported(`${imageFilename}: backing file '${name}' uses a protocol prefix or json:, which vdisk refuses`);
+  }
+  return path.isAbsolute(name) ? name : path.join(path.dirname(imageFilename), name);
+}
+
+async function openProtocol(filename: string, o: { readOnly: boolean; direct: boolean; noFlush: boolean }): Promise<BlockNode> {
+  if (filename.startsWith('null-co://')) return openNull(NULL_DEFAULT_SIZE, o.readOnly);
+  return openFile(filename, o);
+}
+
+export async function probeFormat(file: BlockNode, filename: string): Promise<FormatDriverFactory> {
+  const n = Math.min(PROBE_BYTES, file.getLength());
+  const head = Buffer.alloc(PROBE_BYTES);
+  if (n > 0) await file.pread(0, head.subarray(0, n));
+  let best: FormatDriverFactory = rawFormat;
+  let bestScore = 0;
+  for (const f of formats.values()) {
+    const score = f.probe(head, filename);
+    if (score > bestScore) {
+      best = f;
+      bestScore = score;
+    }
+  }
+  return best;
+}
+
+export interface CreateOptions {
+  format: string;
+  size: number;
+  options?: Record<string, string>;
+  backingFile?: string;
+  backingFormat?: string;
+}
+
+export async function createImage(filename: string, c: CreateOptions): Promise<void> {
+  const format = getFormat(c.format);
+  if (!format.create) throw unsupported(`Format '${c.format}' does not support image creation`);
+  const options = c.options ?? {};
+  for (const key of Object.keys(options)) {
+    if (!format.createOptions.includes(key)) {
+      throw invalidArgument(`Invalid parameter '${key}' for format '${c.format}' (supported: ${format.createOptions.join(', ')})`);
+    }
+  }
+  await createFile(filename);
+  const file = await openFile(filename, { readOnly: false, direct: false, noFlush: false });
+  try {
+    await format.create(file, {
+      filename,
+      size: c.size,
+      options,
+      backingFile: c.backingFile,
+      backingFormat: c.backingFormat,
+      openBacking: (name, fmt) => openImage(resolveBackingName(filename, name), { format: fmt, readOnly: true }),
+    });
+  } finally {
+    await file.close();
+  }
+}
