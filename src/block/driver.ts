@@ -12,6 +12,7 @@ import type { BlockNode } from './node.js';
 export const REQ_FUA = 1 << 0; //         NBD_CMD_FLAG_FUA: stable before the request completes
 export const REQ_MAY_UNMAP = 1 << 1; //   !NBD_CMD_FLAG_NO_HOLE: write-zeroes may punch a hole
 export const REQ_NO_FALLBACK = 1 << 2; // NBD_CMD_FLAG_FAST_ZERO: fail with ENOTSUP rather than write zeros slowly
+export const REQ_WRITE_COMPRESSED = 1 << 3; // (no NBD flag) convert -c: store compressed; whole clusters only
 
 /** nbdkit-style three-valued capability: emulation, where needed, lives in BlockNode. */
 export type Capability = 'none' | 'emulate' | 'native';
@@ -32,6 +33,8 @@ export interface DriverCaps {
   writeZeroes: Capability;
   /** pdiscard does something (frees space); 'none' makes discard a no-op. */
   discard: Capability;
+  /** REQ_WRITE_COMPRESSED accepted (cluster-aligned writes of whole clusters). */
+  compressedWrites?: boolean;
 }
 
 /** One run of block status for one layer (QEMU's BDRV_BLOCK_* bits). */
@@ -79,6 +82,10 @@ export interface BlockDriver {
   /** Make what reached this driver stable (fdatasync). Skipped when nothing was written. */
   flushToDisk?(): Promise<void>;
   truncate?(length: number, prealloc: Preallocation): Promise<void>;
+  /** Rewrite the backing file reference in the image header (rebase, commit). null removes it. */
+  changeBackingFile?(name: string | null, format: string | null): Promise<void>;
+  /** Drop everything this layer allocates so reads fall through to the backing (commit). */
+  makeEmpty?(): Promise<void>;
   close(): Promise<void>;
   /** Format-specific facts for `info` (qemu-img's "format-specific" data), and allocation size. */
   info?(): Promise<DriverInfo>;

@@ -47,33 +47,43 @@ async function openInChain(filename: string, opts: OpenOptions, chain: string[])
   const readOnly = opts.readOnly ?? false;
   const file = await openProtocol(filename, { readOnly, direct: cache.direct, noFlush: cache.noFlush });
   try {
-    const format = opts.format ? getFormat(opts.format) : await probeFormat(file, filename);
-    const real = file.filename.startsWith('null-co:') ? filename : await fs.realpath(filename).catch(() => filename);
-    const myChain = [...chain, real];
-    const ctx: FormatOpenContext = {
-      filename,
-      readOnly,
-      options: opts.options ?? {},
-      wantBacking: opts.backing ?? true,
-      openBacking: async (name: string, backingFormat: string | undefined) => {
-        const resolved = resolveBackingName(filename, name);
-        const realBacking = await fs.realpath(resolved).catch(() => resolved);
-        if (myChain.includes(realBacking)) {
-          throw new VdiskError('ELOOP', 'invalid-format',
-            `Backing file loop: ${[...myChain, realBacking].map((p) => path.basename(p)).join(' -> ')}`);
-        }
-        if (myChain.length >= MAX_CHAIN_DEPTH) {
-          throw new VdiskError('ELOOP', 'invalid-format', `${filename}: backing chain is deeper than ${MAX_CHAIN_DEPTH}`);
-        }
-        return openInChain(resolved, { format: backingFormat, cache, readOnly: true, backing: true }, myChain);
-      },
-    };
-    const driver = await format.open(file, ctx);
-    return new BlockNode(driver, { filename, readOnly, noFlush: cache.noFlush });
+    return await openFormatOn(file, filename, opts, chain);
   } catch (err) {
     await file.close().catch(() => {});
     throw err;
   }
+}
+
+/**
+ * Open a format node on an already open protocol node (e.g. a fault-injection filter in
+ * the crash lab). On failure the caller still owns `file`.
+ */
+export async function openFormatOn(file: BlockNode, filename: string, opts: OpenOptions = {}, chain: string[] = []): Promise<BlockNode> {
+  const cache = opts.cache ?? CACHE_MODES.writeback;
+  const readOnly = opts.readOnly ?? false;
+  const format = opts.format ? getFormat(opts.format) : await probeFormat(file, filename);
+  const real = filename.startsWith('null-co:') ? filename : await fs.realpath(filename).catch(() => filename);
+  const myChain = [...chain, real];
+  const ctx: FormatOpenContext = {
+    filename,
+    readOnly,
+    options: opts.options ?? {},
+    wantBacking: opts.backing ?? true,
+    openBacking: async (name: string, backingFormat: string | undefined) => {
+      const resolved = resolveBackingName(filename, name);
+      const realBacking = await fs.realpath(resolved).catch(() => resolved);
+      if (myChain.includes(realBacking)) {
+        throw new VdiskError('ELOOP', 'invalid-format',
+          `Backing file loop: ${[...myChain, realBacking].map((p) => path.basename(p)).join(' -> ')}`);
+      }
+      if (myChain.length >= MAX_CHAIN_DEPTH) {
+        throw new VdiskError('ELOOP', 'invalid-format', `${filename}: backing chain is deeper than ${MAX_CHAIN_DEPTH}`);
+      }
+      return openInChain(resolved, { format: backingFormat, cache, readOnly: true, backing: true }, myChain);
+    },
+  };
+  const driver = await format.open(file, ctx);
+  return new BlockNode(driver, { filename, readOnly, noFlush: cache.noFlush });
 }
 
 /** Backing names are file names: protocol prefixes and json: are refused. */
