@@ -1,0 +1,120 @@
+// vdisk info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE
+// Field names and order follow `qemu-img info` so scripts written for it keep working.
+import fs from 'node:fs/promises';
+import type { Command } from 'commander';
+import { openImage } from '../../block/graph.js';
+import type { BlockNode } from '../../block/node.js';
+import { formatSize } from '../../block/size.js';
+import { action, collectKeyValues, outputFormat, printJson } from '../common.js';
+
+export interface ImageInfo {
+  json: Record<string, unknown>;
+  notes: string[];
+}
+
+export async function describeNode(node: BlockNode): Promise<ImageInfo> {
+  const info = (await node.driver.info?.()) ?? {};
+  const fileInfo = node.file ? ((await node.file.driver.info?.()) ?? {}) : {};
+  let actualSize: number | undefined;
+  try {
+    const st = await fs.stat(node.bottom.filename);
+    actualSize = st.blocks * 512;
+  } catch {
+    actualSize = undefined;
+  }
+  const json: Record<string, unknown> = {};
+  if (info.backingFormat) json['backing-filename-format'] = info.backingFormat;
+  if (info.snapshots && info.snapshots.length > 0) json.snapshots = info.snapshots;
+  json['virtual-size'] = node.getLength();
+  json.filename = node.filename;
+  if (info.clusterSize) json['cluster-size'] = info.clusterSize;
+  json.format = node.driver.driverName;
+  if (actualSize !== undefined) json['actual-size'] = actualSize;
+  if (info.formatSpecific) json['format-specific'] = info.formatSpecific;
+  if (info.backingFilename) {
+    json['full-backing-filename'] = info.fullBackingFilename ?? info.backingFilename;
+    json['backing-filename'] = info.backingFilename;
+  }
+  json['dirty-flag'] = info.dirtyFlag ?? false;
+  return { json, notes: [...(info.notes ?? []), ...(fileInfo.notes ?? [])] };
+}
+
+function humanKey(k: string): string {
+  return k.replace(/-/g, ' ');
+}
+
+export function printHuman(i: ImageInfo): void {
+  const j = i.json;
+  const lines: string[] = [];
+  lines.push(`image: ${j.filename}`);
+  lines.push(`file format: ${j.format}`);
+  const vs = j['virtual-size'] as number;
+  lines.push(`virtual size: ${formatSize(vs)} (${vs} bytes)`);
+  if (j['actual-size'] !== undefined) lines.push(`disk size: ${formatSize(j['actual-size'] as number)}`);
+  if (j['cluster-size']) lines.push(`cluster_size: ${j['cluster-size']}`);
+  if (j['backing-filename']) {
+    const full = j['full-backing-filename'];
+    lines.push(`backing file: ${j['backing-filename']}${full && full !== j['backing-filename'] ? ` (actual path: ${full})` : ''}`);
+  }
+  if (j['backing-filename-format']) lines.push(`backing file format: ${j['backing-filename-format']}`);
+  const snaps = j.snapshots as Array<Record<string, number | string>> | undefined;
+  if (snaps && snaps.length > 0) {
+    lines.push('Snapshot list:');
+    lines.push(...snapshotTable(snaps));
+  }
+  const fsd = j['format-specific'] as { data: Record<string, unknown> } | undefined;
+  if (fsd) {
+    lines.push('Format specific information:');
+    for (const [k, v] of Object.entries(fsd.data)) lines.push(`    ${humanKey(k)}: ${v}`);
+  }
+  for (const n of i.notes) lines.push(`vdisk: ${n}`);
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+/** qemu-img's snapshot table (ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT). */
+export function snapshotTable(snaps: Array<Record<string, number | string>>): string[] {
+  const out = [`${'ID'.padEnd(10)}${'TAG'.padEnd(18)}${'VM SIZE'.padStart(7)}${'DATE'.padStart(24)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`];
+  for (const s of snaps) {
+    const d = new Date(Number(s['date-sec']) * 1000);
+    const p2 = (n: number) => String(n).padStart(2, '0');
+    const date = `${d.getFullYear()}-${p2(d.getMonth() + 1)}-${p2(d.getDate())} ${p2(d.getHours())}:${p2(d.getMinutes())}:${p2(d.getSeconds())}`;
+    const clockNs = Number(s['vm-clock-sec']) * 1e9 + Number(s['vm-clock-nsec']);
+    const secs = Math.floor(clockNs / 1e9);
+    const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor((clockNs % 1e9) / 1e6)).padStart(3, '0')}`;
+    const icount = s.icount !== undefined ? String(s.icount) : '--';
+    out.push(`${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${date.padStart(24)}${clock.padStart(13)}${icount.padStart(11)}`);
+  }
+  return out;
+}
+
+export function register(program: Command): void {
+  program
+    .command('info')
+    .description('show information about a disk image')
+    .option('-f, --format <fmt>', 'image format (probed when absent)')
+    .option('--output <fmt>', 'human or json', 'human')
+    .option('--backing-chain', 'describe every image of the backing chain')
+    .option('-U, --force-share', 'accepted for qemu-img compatibility (vdisk takes no locks)')
+    .option('-o, --options <opts>', 'driver options', collectKeyValues)
+    .argument('<file>')
+    .action(action(async (file: string, o: { format?: string; output: string; backingChain?: boolean; options?: Record<string, string> }) => {
+      const out = outputFormat(o.output);
+      const node = await openImage(file, { format: o.format, readOnly: true, backing: !!o.backingChain, options: o.options });
+      try {
+        const infos: ImageInfo[] = [];
+        for (let n: BlockNode | null | undefined = node; n; n = o.backingChain ? n.backing : null) {
+          infos.push(await describeNode(n));
+        }
+        if (out === 'json') {
+          printJson(o.backingChain ? infos.map((i) => i.json) : infos[0].json);
+        } else {
+          infos.forEach((i, idx) => {
+            if (idx > 0) process.stdout.write('\n');
+            printHuman(i);
+          });
+        }
+      } finally {
+        await node.close();
+      }
+    }));
+}
