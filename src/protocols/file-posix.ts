@@ -1,11 +1,33 @@
-// file protocol (QEMU's file-posix): regular files and block devices.
-// BASIC VERSION: buffered I/O only. O_DIRECT, the native addon (SEEK_DATA/SEEK_HOLE,
-// fallocate), block devices and alignment probing are being added.
+// file protocol (QEMU's block/file-posix.c): regular files ('file') and block devices
+// ('host_device').
+//
+// Buffered (cache.direct=off): reads and writes go straight from the caller's Buffer to
+// fs.read/fs.write: no copies, no per-request buffers.
+//
+// O_DIRECT (cache.direct=on): the alignment is probed once at open (statx DIOALIGN, else
+// trial reads like QEMU's raw_probe_alignment) and reported as limits().requestAlignment,
+// so BlockNode pads unaligned requests by read-modify-write. Node's Buffers are never
+// aligned, so this driver copies every request through slots of the aligned pool
+// (block/aligned.ts), one slot-sized piece per syscall.
+//
+// A file whose size is not a multiple of the alignment: O_DIRECT reads of the last block
+// come back short and are zero-filled; a padded write of the last block must not grow the
+// file, so the bytes of that block up to EOF go through a second, buffered descriptor. The
+// kernel keeps the two coherent (a direct read or write first writes back and drops cached
+// pages of its range). BlockNode never passes a write past EOF other than that padding.
+//
+// Holes and zeroing need the native addon (SEEK_DATA/SEEK_HOLE, fallocate); without it
+// block status reports all data, write-zeroes and discard are left to BlockNode (writing
+// zeros, or nothing), and info() notes say so.
 import fs from 'node:fs';
 import { promisify } from 'node:util';
-import type { BlockDriver, BlockLimits, Extent, Preallocation } from '../block/driver.js';
+import {
+  REQ_MAY_UNMAP, type BlockDriver, type BlockLimits, type DriverCaps, type DriverInfo, type Extent, type Preallocation,
+} from '../block/driver.js';
 import { BlockNode } from '../block/node.js';
-import { fromSystemError } from '../block/errors.js';
+import { VdiskError, fromSystemError, invalidArgument, unsupported } from '../block/errors.js';
+import { alignedPool, SLOT_ALIGNMENT } from '../block/aligned.js';
+import { native, nativeStatus } from '../native.js';
 
 function read(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -25,25 +47,61 @@ export interface FileOpenOptions {
   noFlush: boolean;
 }
 
+/** How the O_DIRECT alignment was found (for info notes). */
+export interface DirectAlignment {
+  /** Offsets and lengths must be multiples of this. */
+  request: number;
+  /** Buffer addresses must be multiples of this (pool slots always are). */
+  memory: number;
+  source: 'statx' | 'probe' | 'sector size';
+}
+
+/** Largest request BlockNode hands over; the direct path splits it into pool slots itself. */
+const MAX_TRANSFER = 1 << 30;
+/** Pool slots one direct request keeps in flight at once (each piece is one syscall). */
+const DIRECT_PARALLEL = 4;
+/** Chunk for writing zeros (preallocation=full, zeroing without the addon is BlockNode's). */
+const ZERO_CHUNK = Buffer.alloc(1 << 20);
+/** Most extents one blockStatus call returns; the caller asks again for the rest. */
+const MAX_STATUS_EXTENTS = 1024;
+
 export class FileDriver implements BlockDriver {
-  readonly driverName = 'file';
+  readonly driverName: 'file' | 'host_device';
   readonly children = {};
-  readonly caps = { fua: 'emulate', writeZeroes: 'none', discard: 'none' } as const;
+  readonly caps: DriverCaps;
   private length: number;
 
-  constructor(readonly fd: number, readonly filename: string, size: number) {
+  /**
+   * @param fd the image descriptor (O_DIRECT when `direct` is set)
+   * @param bufferedFd a second, buffered descriptor for the last partial block under O_DIRECT
+   *   (null when not direct or read-only)
+   */
+  constructor(
+    readonly fd: number,
+    readonly filename: string,
+    size: number,
+    readonly blockDevice: boolean,
+    readonly direct: DirectAlignment | null,
+    private readonly bufferedFd: number | null,
+  ) {
+    this.driverName = blockDevice ? 'host_device' : 'file';
     this.length = size;
+    const zeroing = native ? 'native' : 'none';
+    this.caps = { fua: 'emulate', writeZeroes: zeroing, discard: zeroing };
   }
 
   limits(): BlockLimits {
-    return { requestAlignment: 1, maxTransfer: 1 << 30 };
+    return { requestAlignment: this.direct?.request ?? 1, maxTransfer: MAX_TRANSFER };
   }
 
   getLength(): number {
     return this.length;
   }
 
+  // ---- read / write -----------------------------------------------------------------
+
   async pread(offset: number, buf: Buffer): Promise<void> {
+    if (this.direct) return this.directPieces(offset, buf, (pos, piece) => this.directReadPiece(pos, piece));
     let done = 0;
     while (done < buf.length) {
       let n: number;
@@ -61,20 +119,210 @@ export class FileDriver implements BlockDriver {
   }
 
   async pwrite(offset: number, buf: Buffer): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      try {
-        done += await write(this.fd, buf, done, buf.length - done, offset + done);
-      } catch (err) {
-        throw fromSystemError(err, `${this.filename}: write at ${offset + done}`);
-      }
+    if (this.direct) {
+      await this.directWrite(offset, buf);
+    } else {
+      await this.writeAll(this.fd, offset, buf);
     }
     if (offset + buf.length > this.length) this.length = offset + buf.length;
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ offset, length, data: true, zero: false, allocated: true, hostOffset: offset, hostFile: this.filename }];
+  private async writeAll(fd: number, offset: number, buf: Buffer): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      try {
+        done += await write(fd, buf, done, buf.length - done, offset + done);
+      } catch (err) {
+        throw fromSystemError(err, `${this.filename}: write at ${offset + done}`);
+      }
+    }
   }
+
+  /**
+   * An aligned write under O_DIRECT. Blocks wholly before EOF go direct; the last block, when
+   * the file ends inside it, is written only up to EOF through the buffered descriptor (the
+   * rest of it is BlockNode's padding), so the file keeps its exact size.
+   */
+  private async directWrite(offset: number, buf: Buffer): Promise<void> {
+    const end = offset + buf.length;
+    const align = this.direct!.request;
+    const tailStart = this.length - (this.length % align);
+    if (end <= this.length || this.length % align === 0 || offset >= this.length || this.bufferedFd === null) {
+      return this.directPieces(offset, buf, (pos, piece) => this.directWritePiece(pos, piece));
+    }
+    if (tailStart > offset) {
+      const head = buf.subarray(0, tailStart - offset);
+      await this.directPieces(offset, head, (pos, piece) => this.directWritePiece(pos, piece));
+    }
+    const from = Math.max(offset, tailStart);
+    await this.writeAll(this.bufferedFd, from, buf.subarray(from - offset, this.length - offset));
+  }
+
+  /** Run `op` on slot-sized pieces of [offset, offset+buf.length), a few at a time. */
+  private async directPieces(offset: number, buf: Buffer, op: (pos: number, piece: Buffer) => Promise<void>): Promise<void> {
+    const slot = alignedPool.slotSize;
+    if (buf.length <= slot) return op(offset, buf);
+    let next = 0;
+    const worker = async () => {
+      while (next < buf.length) {
+        const start = next;
+        next = Math.min(buf.length, next + slot);
+        await op(offset + start, buf.subarray(start, next));
+      }
+    };
+    const workers: Promise<void>[] = [];
+    for (let i = 0; i < DIRECT_PARALLEL && i * slot < buf.length; i++) workers.push(worker());
+    const results = await Promise.allSettled(workers);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
+  private async directReadPiece(offset: number, piece: Buffer): Promise<void> {
+    const slot = await alignedPool.acquire();
+    try {
+      let done = 0;
+      while (done < piece.length) {
+        let n: number;
+        try {
+          n = await read(this.fd, slot, done, piece.length - done, offset + done);
+        } catch (err) {
+          throw fromSystemError(err, `${this.filename}: O_DIRECT read at ${offset + done}`);
+        }
+        if (n === 0) break;
+        done += n;
+        if (n % this.direct!.request !== 0) break; // a short, unaligned read ends at EOF
+      }
+      slot.copy(piece, 0, 0, done);
+      if (done < piece.length) piece.fill(0, done);
+    } finally {
+      alignedPool.release(slot);
+    }
+  }
+
+  private async directWritePiece(offset: number, piece: Buffer): Promise<void> {
+    const slot = await alignedPool.acquire();
+    try {
+      piece.copy(slot);
+      let done = 0;
+      while (done < piece.length) {
+        try {
+          done += await write(this.fd, slot, done, piece.length - done, offset + done);
+        } catch (err) {
+          throw fromSystemError(err, `${this.filename}: O_DIRECT write at ${offset + done}`);
+        }
+      }
+    } finally {
+      alignedPool.release(slot);
+    }
+  }
+
+  // ---- zeroing and discard (native addon) -----------------------------------------------
+
+  /**
+   * MAY_UNMAP punches a hole, otherwise FALLOC_FL_ZERO_RANGE (QEMU's handle_aiocb_write_zeroes
+   * and _unmap). What the file system cannot do becomes ENOTSUP, which BlockNode emulates by
+   * writing zeros, or reports when the client asked for a fast zero (REQ_NO_FALLBACK).
+   */
+  async pwriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    const n = this.requireNative('write zeroes');
+    const end = offset + length;
+    if (flags & REQ_MAY_UNMAP) {
+      try {
+        await this.punchHole(offset, length);
+        return;
+      } catch (err) {
+        if (!isNotSupported(err)) throw fromSystemError(err, `${this.filename}: punch hole at ${offset}+${length}`);
+      }
+    }
+    try {
+      // Without KEEP_SIZE a range past EOF extends the file, as a write of zeros would.
+      await n.fallocate(this.fd, n.FALLOC_FL_ZERO_RANGE, offset, length);
+    } catch (err) {
+      if (isNotSupported(err)) {
+        throw unsupported(`${this.filename}: file system cannot zero a range in place`);
+      }
+      throw fromSystemError(err, `${this.filename}: zero range at ${offset}+${length}`);
+    }
+    if (end > this.length) this.length = end;
+  }
+
+  /** Discard is advisory: a file system that cannot punch holes makes it a no-op. */
+  async pdiscard(offset: number, length: number): Promise<void> {
+    const n = this.requireNative('discard');
+    try {
+      if (this.blockDevice) await n.blkdiscard(this.fd, offset, length);
+      else await this.punchHole(offset, length);
+    } catch (err) {
+      if (isNotSupported(err) || (err as NodeJS.ErrnoException).code === 'ENOTTY') return;
+      throw fromSystemError(err, `${this.filename}: discard at ${offset}+${length}`);
+    }
+  }
+
+  /** PUNCH_HOLE needs KEEP_SIZE; a range past EOF first grows the file (the new part is a hole). */
+  private async punchHole(offset: number, length: number): Promise<void> {
+    const n = native!;
+    const end = offset + length;
+    if (end > this.length && !this.blockDevice) {
+      await ftruncate(this.fd, end);
+      const oldLength = this.length;
+      this.length = end;
+      if (offset >= oldLength) return;
+      length = oldLength - offset;
+    }
+    await n.fallocate(this.fd, n.FALLOC_FL_PUNCH_HOLE | n.FALLOC_FL_KEEP_SIZE, offset, length);
+  }
+
+  private requireNative(what: string) {
+    if (!native) throw unsupported(`${this.filename}: ${what} needs the native addon (${nativeStatus})`);
+    return native;
+  }
+
+  // ---- block status -----------------------------------------------------------------
+
+  /**
+   * QEMU's raw_co_block_status: SEEK_DATA/SEEK_HOLE split the range into data and holes;
+   * holes read as zeros. Without the addon (or on a block device) everything is data.
+   */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const all = (): Extent[] => [this.extent(offset, length, true)];
+    if (!native || this.blockDevice) return all();
+    const end = offset + length;
+    const out: Extent[] = [];
+    let pos = offset;
+    try {
+      while (pos < end && out.length < MAX_STATUS_EXTENTS) {
+        const data = native.seekData(this.fd, pos);
+        if (data < 0) {
+          out.push(this.extent(pos, end - pos, false)); // trailing hole
+          break;
+        }
+        if (data > pos) {
+          const holeEnd = Math.min(end, data);
+          out.push(this.extent(pos, holeEnd - pos, false));
+          pos = holeEnd;
+          continue;
+        }
+        const hole = native.seekHole(this.fd, pos);
+        // -1 means pos is past EOF (file shrank underneath us): zeros, as a read would give.
+        const dataEnd = hole < 0 ? pos : Math.min(end, hole);
+        if (dataEnd <= pos) {
+          out.push(this.extent(pos, end - pos, false));
+          break;
+        }
+        out.push(this.extent(pos, dataEnd - pos, true));
+        pos = dataEnd;
+      }
+    } catch {
+      // No information (e.g. a file system without SEEK_DATA): pretend there are no holes.
+      if (out.length === 0) return all();
+    }
+    return out;
+  }
+
+  private extent(offset: number, length: number, data: boolean): Extent {
+    return { offset, length, data, zero: !data, allocated: true, hostOffset: offset, hostFile: this.filename };
+  }
+
+  // ---- flush, resize, close ---------------------------------------------------------
 
   async flushToDisk(): Promise<void> {
     try {
@@ -84,29 +332,198 @@ export class FileDriver implements BlockDriver {
     }
   }
 
-  async truncate(length: number, _prealloc: Preallocation): Promise<void> {
+  /**
+   * QEMU's raw_co_truncate / handle_aiocb_truncate. Preallocation applies to the new range
+   * only; if it fails (ENOSPC, EFBIG) the file is shrunk back so no half-claimed space stays.
+   */
+  async truncate(length: number, prealloc: Preallocation): Promise<void> {
+    if (this.blockDevice) {
+      if (length > this.length) throw unsupported(`${this.filename}: cannot grow device files`);
+      if (prealloc !== 'off') throw unsupported(`${this.filename}: preallocation=${prealloc} is not supported for devices`);
+      return; // QEMU accepts a "shrink" of a device and leaves it alone
+    }
+    if (prealloc === 'metadata') {
+      throw invalidArgument(`${this.filename}: preallocation mode 'metadata' is not supported by the file protocol`);
+    }
+    const oldLength = this.length;
+    if (prealloc !== 'off' && length < oldLength) {
+      throw invalidArgument(`${this.filename}: cannot use preallocation=${prealloc} when shrinking (from ${oldLength} to ${length} bytes)`);
+    }
     try {
-      await ftruncate(this.fd, length);
+      if (prealloc === 'off' || length === oldLength) {
+        await ftruncate(this.fd, length);
+      } else if (prealloc === 'falloc' && native) {
+        // Mode 0 both reserves the blocks and sets the new size.
+        await native.fallocate(this.fd, 0, oldLength, length - oldLength);
+      } else {
+        // 'full', or 'falloc' without the addon (glibc's posix_fallocate emulation writes too).
+        await this.preallocateFull(oldLength, length);
+      }
     } catch (err) {
-      throw fromSystemError(err, `${this.filename}: truncate`);
+      if (length > oldLength) await ftruncate(this.fd, oldLength).catch(() => {});
+      throw fromSystemError(err, `${this.filename}: resize to ${length} bytes (preallocation=${prealloc})`);
     }
     this.length = length;
   }
 
+  private async preallocateFull(from: number, to: number): Promise<void> {
+    if (native) {
+      // Reserve first so a full disk fails fast, before we write anything (as QEMU does).
+      try {
+        await native.fallocate(this.fd, 0, from, to - from);
+      } catch (err) {
+        if (!isNotSupported(err)) throw err;
+      }
+    }
+    await ftruncate(this.fd, to);
+    // Zeros through a buffered descriptor: the range is not aligned in general.
+    const fd = this.bufferedFd ?? this.fd;
+    for (let pos = from; pos < to; pos += ZERO_CHUNK.length) {
+      const n = Math.min(ZERO_CHUNK.length, to - pos);
+      let done = 0;
+      while (done < n) done += await write(fd, ZERO_CHUNK, done, n - done, pos + done);
+    }
+  }
+
+  async info(): Promise<DriverInfo> {
+    const notes = [
+      native ? 'native addon: loaded' : `native addon: ${nativeStatus}: no holes, all data; zeros are written, never punched`,
+    ];
+    if (this.direct) {
+      const d = this.direct;
+      notes.push(`cache: O_DIRECT, request alignment ${d.request}, memory alignment ${d.memory} (from ${d.source})`);
+    } else {
+      notes.push('cache: host page cache (no O_DIRECT)');
+    }
+    return { notes };
+  }
+
   async close(): Promise<void> {
-    await close(this.fd);
+    let first: unknown = null;
+    for (const fd of this.bufferedFd === null ? [this.fd] : [this.fd, this.bufferedFd]) {
+      try {
+        await close(fd);
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    if (first) throw fromSystemError(first, `${this.filename}: close`);
   }
 }
 
+function isNotSupported(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'EOPNOTSUPP' || code === 'ENOTSUP' || code === 'ENOSYS';
+}
+
+// ---- open and create --------------------------------------------------------------------
+
 export async function openFile(filename: string, opts: FileOpenOptions): Promise<BlockNode> {
+  const flags = (opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (opts.direct ? fs.constants.O_DIRECT : 0);
   let fd: number;
   try {
-    fd = await open(filename, opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+    fd = await open(filename, flags);
+  } catch (err) {
+    if (opts.direct && (err as NodeJS.ErrnoException).code === 'EINVAL') await explainDirectRefusal(filename, flags & ~fs.constants.O_DIRECT);
+    throw fromSystemError(err, `Could not open '${filename}'`);
+  }
+  let bufferedFd: number | null = null;
+  try {
+    const st = await fstat(fd);
+    if (st.isDirectory()) throw invalidArgument(`Could not open '${filename}': Is a directory`);
+    const blockDevice = st.isBlockDevice();
+    const size = blockDevice ? await blockDeviceSize(fd, st, filename) : st.size;
+    let direct: DirectAlignment | null = null;
+    if (opts.direct) {
+      direct = await probeAlignment(fd, filename, blockDevice);
+      if (!opts.readOnly && !blockDevice) bufferedFd = await open(filename, fs.constants.O_RDWR);
+    }
+    const driver = new FileDriver(fd, filename, size, blockDevice, direct, bufferedFd);
+    return new BlockNode(driver, { filename, readOnly: opts.readOnly, noFlush: opts.noFlush });
+  } catch (err) {
+    await close(fd).catch(() => {});
+    if (bufferedFd !== null) await close(bufferedFd).catch(() => {});
+    throw fromSystemError(err, `Could not open '${filename}'`);
+  }
+}
+
+/**
+ * open(O_DIRECT) said EINVAL: the file system has no direct I/O, unless the name is something
+ * that cannot be opened at all (a directory says EINVAL too). Throws the right message.
+ */
+async function explainDirectRefusal(filename: string, bufferedFlags: number): Promise<never> {
+  let fd: number;
+  try {
+    fd = await open(filename, bufferedFlags);
   } catch (err) {
     throw fromSystemError(err, `Could not open '${filename}'`);
   }
-  const st = await fstat(fd);
-  return new BlockNode(new FileDriver(fd, filename, st.size), { filename, readOnly: opts.readOnly, noFlush: opts.noFlush });
+  const st = await fstat(fd).finally(() => close(fd).catch(() => {}));
+  if (st.isDirectory()) throw invalidArgument(`Could not open '${filename}': Is a directory`);
+  throw new VdiskError('EINVAL', 'unsupported-feature',
+    `Could not open '${filename}': file system does not support O_DIRECT; use cache.direct=off (cache mode writeback or writethrough)`);
+}
+
+/** BLKGETSIZE64 through the addon, else the sector count the kernel shows in sysfs. */
+async function blockDeviceSize(fd: number, st: fs.Stats, filename: string): Promise<number> {
+  if (native) {
+    try {
+      return native.blockDeviceSize(fd);
+    } catch (err) {
+      throw fromSystemError(err, `Could not open '${filename}': cannot get device size`);
+    }
+  }
+  const major = Math.floor(st.rdev / 256) & 0xfff; // glibc's gnu_dev_major/minor for 32-bit dev_t
+  const minor = (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);
+  try {
+    const sectors = await fs.promises.readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
+    return Number(sectors.trim()) * 512;
+  } catch (err) {
+    throw fromSystemError(err, `Could not open '${filename}': cannot get device size (${nativeStatus})`);
+  }
+}
+
+/**
+ * The O_DIRECT alignment, found once at open. statx(STATX_DIOALIGN) says it exactly (Linux
+ * 6.1+). Otherwise: a device's logical sector size, then QEMU's raw_probe_alignment: the
+ * smallest read size from {1, 512, 1024, 2048, 4096} the kernel accepts from an aligned
+ * buffer at offset 0, where "1 works" (an empty file, or a file system that does not check)
+ * falls back to 4096.
+ */
+async function probeAlignment(fd: number, filename: string, blockDevice: boolean): Promise<DirectAlignment> {
+  if (native) {
+    try {
+      const a = native.dioAlignment(fd);
+      if (a && a.memAlign <= SLOT_ALIGNMENT) return { request: a.offsetAlign, memory: a.memAlign, source: 'statx' };
+    } catch {
+      // fall through to probing
+    }
+    if (blockDevice) {
+      try {
+        const sector = native.blockDeviceSectorSize(fd);
+        if (sector > 0) return { request: sector, memory: sector, source: 'sector size' };
+      } catch {
+        // fall through to probing
+      }
+    }
+  }
+  const slot = await alignedPool.acquire();
+  try {
+    for (const size of [1, 512, 1024, 2048, 4096]) {
+      try {
+        await read(fd, slot, 0, size, 0);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EINVAL') continue;
+        throw err;
+      }
+      const request = size === 1 ? 4096 : size;
+      return { request, memory: request, source: 'probe' };
+    }
+  } finally {
+    alignedPool.release(slot);
+  }
+  throw new VdiskError('EINVAL', 'unsupported-feature',
+    `Could not open '${filename}': could not find a working O_DIRECT alignment; use cache.direct=off`);
 }
 
 /** Create (or truncate to empty) a file, as qemu-img create does before the format lays out. */
