@@ -6,6 +6,13 @@ import type { BlockNode } from '../../block/node.js';
 import { action, cacheOption } from '../common.js';
 
 const CHUNK = 2 << 20;
+/** qemu-img compares in 512-byte sectors and reports the start of the first differing one. */
+const SECTOR = 512;
+
+function mismatchAt(offset: number): { identical: false; offset: number; message: string } {
+  const sector = offset - (offset % SECTOR);
+  return { identical: false, offset: sector, message: `Content mismatch at offset ${sector}!` };
+}
 
 /** True when [off, off+len) reads as zeros according to block status (no I/O needed). */
 async function knownZero(node: BlockNode, off: number, len: number): Promise<number> {
@@ -60,14 +67,14 @@ export async function compareImages(a: BlockNode, b: BlockNode, strict: boolean)
     if (!x.equals(y)) {
       let i = 0;
       while (x[i] === y[i]) i++;
-      return { identical: false, offset: pos + i, message: `Content mismatch at offset ${pos + i}!` };
+      return mismatchAt(pos + i);
     }
     pos += n;
   }
   if (lenA !== lenB) {
     const longer = lenA > lenB ? a : b;
     const off = await firstNonZero(longer, common, Math.max(lenA, lenB) - common, bufA);
-    if (off >= 0) return { identical: false, offset: off, message: `Content mismatch at offset ${off}!` };
+    if (off >= 0) return mismatchAt(off);
   }
   return { identical: true, message: 'Images are identical.' };
 }
