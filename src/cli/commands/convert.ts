@@ -179,6 +179,8 @@ export function register(program: Command): void {
           bar = new cliProgress.SingleBar({
             format: '    ({percentage}/100%) [{bar}] {value_mib}/{total_mib} MiB',
             stream: process.stderr, hideCursor: true,
+            // Like qemu-img -p, report progress when the output is not a terminal too.
+            noTTYOutput: true, notTTYSchedule: 1000,
           }, cliProgress.Presets.shades_classic);
           bar.start(src.getLength(), 0, { value_mib: 0, total_mib: (src.getLength() / 2 ** 20).toFixed(0) });
         }
