@@ -75,6 +75,12 @@ async function readAt(file: BlockNode, offset: number, buf: Buffer): Promise<voi
   if (n < buf.length) buf.fill(0, n);
 }
 
+/** Write, growing the file first when the write ends past EOF (rebuilt refcount structures). */
+async function writeAt(file: BlockNode, offset: number, buf: Buffer): Promise<void> {
+  if (offset + buf.length > file.getLength()) await file.truncate(offset + buf.length);
+  await file.pwrite(offset, buf);
+}
+
 /** Parse the snapshot table (spec: "Snapshots"); errors are check errors (QEMU returns -EFBIG/-EIO). */
 export async function readSnapshotTable(file: BlockNode, h: Qcow2Header, onCorrupt?: (msg: string) => void): Promise<{ entries: SnapshotEntry[]; size: number }> {
   const entries: SnapshotEntry[] = [];
@@ -643,7 +649,7 @@ class Checker {
           const v = this.refs.get(start + k);
           if (v) writeRefcount(block, k, this.h.refcountOrder, v);
         }
-        await this.file.pwrite(blockCluster * this.cs, block);
+        await writeAt(this.file, blockCluster * this.cs, block);
         cluster = start + perBlock - 1;
       }
       return grown;
@@ -660,7 +666,7 @@ class Checker {
     }
     const buf = Buffer.alloc(reftableClusters * this.cs);
     reftable.forEach((v, i) => buf.writeBigUInt64BE(BigInt(v), i * 8));
-    await this.file.pwrite(reftableOffset, buf);
+    await writeAt(this.file, reftableOffset, buf);
     const field = Buffer.alloc(12);
     field.writeBigUInt64BE(BigInt(reftableOffset), 0);
     field.writeUInt32BE(reftableClusters, 8);
