@@ -70,11 +70,14 @@ export class FileDriver implements BlockDriver {
   readonly children = {};
   readonly caps: DriverCaps;
   private length: number;
+  /**
+   * Under O_DIRECT, a second, buffered descriptor for the bytes of the last partial block
+   * (and preallocation writes). Opened on first need, so most direct opens never have one.
+   */
+  private bufferedFd: Promise<number> | null = null;
 
   /**
    * @param fd the image descriptor (O_DIRECT when `direct` is set)
-   * @param bufferedFd a second, buffered descriptor for the last partial block under O_DIRECT
-   *   (null when not direct or read-only)
    */
   constructor(
     readonly fd: number,
@@ -82,7 +85,6 @@ export class FileDriver implements BlockDriver {
     size: number,
     readonly blockDevice: boolean,
     readonly direct: DirectAlignment | null,
-    private readonly bufferedFd: number | null,
   ) {
     this.driverName = blockDevice ? 'host_device' : 'file';
     this.length = size;
@@ -147,7 +149,7 @@ export class FileDriver implements BlockDriver {
     const end = offset + buf.length;
     const align = this.direct!.request;
     const tailStart = this.length - (this.length % align);
-    if (end <= this.length || this.length % align === 0 || offset >= this.length || this.bufferedFd === null) {
+    if (end <= this.length || this.length % align === 0 || offset >= this.length) {
       return this.directPieces(offset, buf, (pos, piece) => this.directWritePiece(pos, piece));
     }
     if (tailStart > offset) {
@@ -155,7 +157,20 @@ export class FileDriver implements BlockDriver {
       await this.directPieces(offset, head, (pos, piece) => this.directWritePiece(pos, piece));
     }
     const from = Math.max(offset, tailStart);
-    await this.writeAll(this.bufferedFd, from, buf.subarray(from - offset, this.length - offset));
+    await this.writeAll(await this.buffered(), from, buf.subarray(from - offset, this.length - offset));
+  }
+
+  /** The image's descriptor without O_DIRECT: the main one, or the second one opened on demand. */
+  private buffered(): Promise<number> {
+    if (!this.direct) return Promise.resolve(this.fd);
+    // Through /proc the new descriptor is surely the same inode, even if the name moved.
+    this.bufferedFd ??= open(`/proc/self/fd/${this.fd}`, fs.constants.O_RDWR)
+      .catch(() => open(this.filename, fs.constants.O_RDWR))
+      .catch((err) => {
+        this.bufferedFd = null;
+        throw fromSystemError(err, `${this.filename}: open without O_DIRECT`);
+      });
+    return this.bufferedFd;
   }
 
   /** Run `op` on slot-sized pieces of [offset, offset+buf.length), a few at a time. */
@@ -377,7 +392,7 @@ export class FileDriver implements BlockDriver {
     }
     await ftruncate(this.fd, to);
     // Zeros through a buffered descriptor: the range is not aligned in general.
-    const fd = this.bufferedFd ?? this.fd;
+    const fd = await this.buffered();
     for (let pos = from; pos < to; pos += ZERO_CHUNK.length) {
       const n = Math.min(ZERO_CHUNK.length, to - pos);
       let done = 0;
@@ -400,7 +415,8 @@ export class FileDriver implements BlockDriver {
 
   async close(): Promise<void> {
     let first: unknown = null;
-    for (const fd of this.bufferedFd === null ? [this.fd] : [this.fd, this.bufferedFd]) {
+    const second = this.bufferedFd ? await this.bufferedFd.catch(() => null) : null;
+    for (const fd of second === null ? [this.fd] : [this.fd, second]) {
       try {
         await close(fd);
       } catch (err) {
@@ -427,7 +443,6 @@ export async function openFile(filename: string, opts: FileOpenOptions): Promise
     if (opts.direct && (err as NodeJS.ErrnoException).code === 'EINVAL') await explainDirectRefusal(filename, flags & ~fs.constants.O_DIRECT);
     throw fromSystemError(err, `Could not open '${filename}'`);
   }
-  let bufferedFd: number | null = null;
   try {
     const st = await fstat(fd);
     if (st.isDirectory()) throw invalidArgument(`Could not open '${filename}': Is a directory`);
@@ -436,13 +451,11 @@ export async function openFile(filename: string, opts: FileOpenOptions): Promise
     let direct: DirectAlignment | null = null;
     if (opts.direct) {
       direct = await probeAlignment(fd, filename, blockDevice);
-      if (!opts.readOnly && !blockDevice) bufferedFd = await open(filename, fs.constants.O_RDWR);
     }
-    const driver = new FileDriver(fd, filename, size, blockDevice, direct, bufferedFd);
+    const driver = new FileDriver(fd, filename, size, blockDevice, direct);
     return new BlockNode(driver, { filename, readOnly: opts.readOnly, noFlush: opts.noFlush });
   } catch (err) {
     await close(fd).catch(() => {});
-    if (bufferedFd !== null) await close(bufferedFd).catch(() => {});
     throw fromSystemError(err, `Could not open '${filename}'`);
   }
 }
