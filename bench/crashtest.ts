@@ -1,6 +1,6 @@
 // npm run crashtest -- [--states 100000] [--seed N] [--mode M[,M]] [--format qcow2|raw[,..]]
 //                      [--cluster 512,4096,65536] [--lazy on|off|both] [--ops 40]
-//                      [--states-per-run 200] [--exhaustive 12] [--no-qemu-check]
+//                      [--states-per-run 200] [--exhaustive 12] [--no-qemu-check] [--no-qemu-read]
 //                      [--create-with qemu-img|vdisk] [--ignore-flushes]
 // npm run crashtest -- --repro '<json printed with a failure>' [--keep FILE]
 //
@@ -46,7 +46,7 @@ async function repro(json: string, keep: string | undefined): Promise<number> {
   console.log(`crash state (before vdisk opened it) written to ${file}`);
   const dir = fs.mkdtempSync('/tmp/vdisk-repro-');
   try {
-    const v = await finishWithQemuCheck(run, await checkWithVdisk(run, image, r.key.crashAt), { workDir: dir });
+    const v = await finishWithQemuCheck(run, await checkWithVdisk(run, image, r.key.crashAt), r.key.crashAt, { workDir: dir });
     if (v.repaired) fs.writeFileSync(`${file}.after-open`, v.repaired);
     for (const n of v.notes) console.log(`note: ${n}`);
     for (const p of v.problems) console.log(`FAIL: ${p}`);
@@ -95,6 +95,7 @@ async function main(): Promise<number> {
     statesPerRun, ignoreFlushes, keepFailures: 50,
     exhaustiveLimit: Number(a.get('exhaustive') ?? 12),
     qemuCheck: !a.has('no-qemu-check'),
+    qemuRead: !a.has('no-qemu-read'),
     onRun: (_run, byMode) => {
       tested = Object.values(byMode).reduce((n, s) => n + s.states, 0);
       if (Date.now() - lastPrint > 10_000) {

@@ -103,7 +103,7 @@ test('negative: qemu-img check corruption fails a state, leaks do not', async (t
     const rcBlock = Number(good.readBigUInt64BE(rcTable));
     const run = await recordRun({ seed: 1, format: 'raw', mode: 'writeback', clusterSize: 0, lazyRefcounts: false, ops: 0, createWith: 'vdisk' });
     const qrun = { ...run, params: { ...run.params, format: 'qcow2' as const } };
-    const verdictFor = (bytes: Buffer) => finishWithQemuCheck(qrun, { ok: true, problems: [], notes: [], repaired: bytes }, { workDir: dir });
+    const verdictFor = (bytes: Buffer) => finishWithQemuCheck(qrun, { ok: true, problems: [], notes: [], repaired: bytes }, 0, { workDir: dir, qemuRead: false });
 
     assert.equal((await verdictFor(good)).ok, true);
     const leaky = Buffer.concat([good, Buffer.alloc(4096)]);

@@ -32,6 +32,8 @@ export interface CampaignOptions extends StateOptions {
   statesPerRun: number;
   /** Run qemu-img check (qcow2). */
   qemuCheck?: boolean;
+  /** Compare vdisk's read of each state with QEMU's (qcow2). */
+  qemuRead?: boolean;
   /** qemu-img checks in flight at once. */
   concurrency?: number;
   /** Negative tests: damage each state before it is checked. */
@@ -71,7 +73,7 @@ export async function checkRun(run: RecordedRun, opts: CampaignOptions, result: 
     seen.add(digest);
     s.checked++;
     const verdict = await checkWithVdisk(run, image, key.crashAt);
-    const p = finishWithQemuCheck(run, verdict, { workDir: dir, qemuCheck: opts.qemuCheck })
+    const p = finishWithQemuCheck(run, verdict, key.crashAt, { workDir: dir, qemuCheck: opts.qemuCheck, qemuRead: opts.qemuRead })
       .then((v) => record(v, run, key, spec.persist.length, opts, result, s))
       .finally(() => inFlight.delete(p));
     inFlight.add(p);

@@ -2,7 +2,10 @@
 //  1. open it with vdisk, writable (so a dirty lazy-refcounts image is repaired on open);
 //  2. read the whole guest disk and hold it against the guest model (durability);
 //  3. close it, then run `qemu-img check` on the result (qcow2): corruption fails, leaks
-//     are allowed (QEMU's own promise: a crash may leak clusters, never corrupt).
+//     are allowed (QEMU's own promise: a crash may leak clusters, never corrupt);
+//  4. let QEMU read the guest disk of the result (qemu-img convert to raw): it must hold
+//     exactly what vdisk read, so a state vdisk misreads or damages while repairing is
+//     caught by an independent reader.
 // cache=unsafe promises nothing: there the state only has to open, or fail to open with a
 // clean VdiskError; qemu-img check still runs but its verdict is reported, not failed.
 import { execFile } from 'node:child_process';
@@ -29,11 +32,15 @@ export interface StateVerdict {
   notes: string[];
   /** The image after vdisk opened and closed it (what qemu-img check is given). */
   repaired?: Buffer;
+  /** The guest disk as vdisk read it. */
+  disk?: Buffer;
 }
 
 export interface CheckOptions {
   /** Run qemu-img check (qcow2 only; default true). */
   qemuCheck?: boolean;
+  /** Compare with QEMU's read of the guest disk (qcow2 only; default true). */
+  qemuRead?: boolean;
   /** Directory for the files qemu-img checks. */
   workDir: string;
 }
@@ -48,6 +55,7 @@ export async function checkWithVdisk(run: RecordedRun, image: Buffer, crashAt: n
   const mem = openMemory(0, 'crash-state');
   (mem.driver as MemoryDriver).data = Buffer.from(image);
   let node: BlockNode;
+  let disk: Buffer | undefined;
   try {
     node = await openFormatOn(mem, 'crash-state', { format: run.params.format });
   } catch (err) {
@@ -59,16 +67,12 @@ export async function checkWithVdisk(run: RecordedRun, image: Buffer, crashAt: n
   }
   try {
     if (node.getLength() !== run.size) problems.push(`virtual size ${node.getLength()} != ${run.size}`);
-    const disk = Buffer.alloc(run.size);
+    const buf = Buffer.alloc(run.size);
     for (let pos = 0; pos < run.size; pos += READ_CHUNK) {
-      await node.pread(pos, disk.subarray(pos, Math.min(run.size, pos + READ_CHUNK)));
+      await node.pread(pos, buf.subarray(pos, Math.min(run.size, pos + READ_CHUNK)));
     }
-    if (!unsafe) {
-      for (const m of run.model.verify(disk, crashAt)) {
-        const show = (t: number) => (t === 0 ? 'zeros' : t < 0 ? 'garbage' : `op#${t}`);
-        problems.push(`guest sector ${m.lba} (byte ${m.lba * 512}) reads ${show(m.found)}, expected one of ${m.allowed.map(show).join('/')}`);
-      }
-    }
+    disk = buf;
+    if (!unsafe) problems.push(...verifyDisk(run, disk, crashAt, ''));
   } catch (err) {
     const clean = err instanceof VdiskError;
     const msg = `read failed${clean ? '' : ' (not a VdiskError)'}: ${(err as Error)?.stack ?? err}`;
@@ -82,7 +86,36 @@ export async function checkWithVdisk(run: RecordedRun, image: Buffer, crashAt: n
     if (unsafe && err instanceof VdiskError) notes.push(msg);
     else problems.push(msg);
   }
-  return { ok: problems.length === 0, problems, notes, repaired: (mem.driver as MemoryDriver).data };
+  return { ok: problems.length === 0, problems, notes, repaired: (mem.driver as MemoryDriver).data, disk };
+}
+
+function verifyDisk(run: RecordedRun, disk: Buffer, crashAt: number, who: string): string[] {
+  const show = (t: number) => (t === 0 ? 'zeros' : t < 0 ? 'garbage' : `op#${t}`);
+  return run.model.verify(disk, crashAt).map((m) =>
+    `${who}guest sector ${m.lba} (byte ${m.lba * 512}) reads ${show(m.found)}, expected one of ${m.allowed.map(show).join('/')}`);
+}
+
+/** The guest disk of an image file as QEMU reads it. */
+function qemuImgRead(file: string, format: string, size: number): Promise<Buffer> {
+  const out = `${file}.raw`;
+  return new Promise((resolve, reject) => {
+    execFile('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out], (err, _stdout, stderr) => {
+      if (err) return reject(new Error(`qemu-img convert: ${stderr.trim() || err.message}`));
+      fs.readFile(out).then((b) => {
+        const disk = Buffer.alloc(size);
+        b.copy(disk, 0, 0, Math.min(size, b.length));
+        resolve(disk);
+      }, reject).finally(() => fs.rm(out, { force: true }));
+    });
+  });
+}
+
+function firstDifference(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i += 512) {
+    if (!a.subarray(i, i + 512).equals(b.subarray(i, i + 512))) return i;
+  }
+  return a.length === b.length ? -1 : n;
 }
 
 /** qemu-img check --output=json on a file. */
@@ -110,7 +143,7 @@ export function qemuImgCheck(file: string, format: string): Promise<QemuCheckRes
 let fileSeq = 0;
 
 /** Step 3 for a state vdisk has opened and closed; adds to the verdict. */
-export async function finishWithQemuCheck(run: RecordedRun, verdict: StateVerdict, opts: CheckOptions): Promise<StateVerdict> {
+export async function finishWithQemuCheck(run: RecordedRun, verdict: StateVerdict, crashAt: number, opts: CheckOptions): Promise<StateVerdict> {
   if (run.params.format !== 'qcow2' || opts.qemuCheck === false || !verdict.repaired) return verdict;
   const file = path.join(opts.workDir, `state-${process.pid}-${fileSeq++}.qcow2`);
   await fs.writeFile(file, verdict.repaired);
@@ -119,6 +152,18 @@ export async function finishWithQemuCheck(run: RecordedRun, verdict: StateVerdic
     if (r.status !== 0 && r.status !== 3) {
       if (run.params.mode === 'unsafe') verdict.notes.push(`qemu-img check: ${r.summary}`);
       else verdict.problems.push(`qemu-img check: ${r.summary}`);
+    } else if (opts.qemuRead !== false && verdict.disk) {
+      const found: string[] = [];
+      try {
+        const qdisk = await qemuImgRead(file, 'qcow2', run.size);
+        const at = firstDifference(verdict.disk, qdisk);
+        if (at >= 0) found.push(`vdisk and QEMU read different data at guest byte ${at}`);
+        if (run.params.mode !== 'unsafe') found.push(...verifyDisk(run, qdisk, crashAt, 'QEMU: '));
+      } catch (err) {
+        found.push((err as Error).message);
+      }
+      if (run.params.mode === 'unsafe') verdict.notes.push(...found);
+      else verdict.problems.push(...found);
     }
   } finally {
     await fs.rm(file, { force: true });
