@@ -1,12 +1,13 @@
 // npm run crashtest -- [--states 100000] [--seed N] [--mode M[,M]] [--format qcow2|raw[,..]]
 //                      [--cluster 512,4096,65536] [--lazy on|off|both] [--ops 40]
 //                      [--states-per-run 200] [--exhaustive 12] [--no-qemu-check] [--no-qemu-read]
-//                      [--create-with qemu-img|vdisk] [--ignore-flushes]
+//                      [--create-with qemu-img|vdisk] [--ignore-flushes] [--inject]
 // npm run crashtest -- --repro '<json printed with a failure>' [--keep FILE]
 //
 // A longer crash campaign than CI runs: seeded guest workloads in every cache mode, on
 // qcow2 (cluster sizes, lazy refcounts on/off) and raw, crash states checked as in
-// src/crashlab/check.ts. Prints states tested and failures per mode, then a reproducer
+// src/crashlab/check.ts. --inject makes every third run fail one device request with EIO
+// or ENOSPC (the guest sees the error, carries on, and the crash states must still hold). Prints states tested and failures per mode, then a reproducer
 // command for each failure kept. Exit status 1 when any state failed.
 import fs from 'node:fs';
 import { CACHE_MODES, type CacheModeName } from '../src/block/cache-mode.js';
@@ -14,6 +15,7 @@ import { formats } from '../src/block/graph.js';
 import { runCampaign, rebuildState, describeState, reproCommand, type ModeSummary } from '../src/crashlab/campaign.js';
 import { checkWithVdisk, finishWithQemuCheck } from '../src/crashlab/check.js';
 import type { StateKey } from '../src/crashlab/states.js';
+import type { FaultRule } from '../src/filters/fault-injection.js';
 import type { CrashFormat, WorkloadParams } from '../src/crashlab/workload.js';
 // Registers 'qcow2' in the format table once the driver exists (graph.ts imports it).
 
@@ -74,6 +76,7 @@ async function main(): Promise<number> {
   const statesPerRun = Number(a.get('states-per-run') ?? 200);
   const ignoreFlushes = a.has('ignore-flushes');
   const createWith = (a.get('create-with') ?? 'qemu-img') as 'qemu-img' | 'vdisk';
+  const inject = a.has('inject');
 
   const geometries: Array<Pick<WorkloadParams, 'format' | 'clusterSize' | 'lazyRefcounts'>> = [];
   for (const format of fmts) {
@@ -85,7 +88,11 @@ async function main(): Promise<number> {
   function* runs(): Generator<WorkloadParams> {
     for (let i = 0; tested < totalStates; i++) {
       const g = geometries[Math.floor(i / modes.length) % geometries.length];
-      yield { seed: seed0 + i, mode: modes[i % modes.length], ops, createWith, ...g };
+      const seed = seed0 + i;
+      const faults: FaultRule[] | undefined = inject && i % 3 === 2
+        ? [{ op: seed % 4 === 0 ? 'flush' : 'write', nth: 1 + (seed % 17), code: seed % 2 ? 'EIO' : 'ENOSPC', sticky: seed % 5 === 0 }]
+        : undefined;
+      yield { seed, mode: modes[i % modes.length], ops, createWith, faults, ...g };
     }
   }
   console.log(`crash campaign: ${totalStates} states, seed ${seed0}, modes ${modes.join(',')}, ` +

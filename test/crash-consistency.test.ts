@@ -83,6 +83,16 @@ test('raw baseline survives crash states in all five cache modes', async () => {
   assert.ok(total(r, 'states') >= 150, `only ${total(r, 'states')} states`);
 });
 
+test('raw: crash states after injected EIO/ENOSPC (a failed write leaves its range old or new)', async () => {
+  const runs: WorkloadParams[] = [
+    { seed: 150, format: 'raw', mode: 'writeback', clusterSize: 0, lazyRefcounts: false, ops: 30, createWith: 'vdisk', faults: [{ op: 'write', nth: 5, code: 'EIO' }] },
+    { seed: 151, format: 'raw', mode: 'writethrough', clusterSize: 0, lazyRefcounts: false, ops: 30, createWith: 'vdisk', faults: [{ op: 'write', nth: 3, code: 'ENOSPC', sticky: true }] },
+    { seed: 152, format: 'raw', mode: 'none', clusterSize: 0, lazyRefcounts: false, ops: 30, createWith: 'vdisk', faults: [{ op: 'flush', nth: 2, code: 'EIO' }] },
+  ];
+  const r = await runCampaign(runs, { statesPerRun: 30 });
+  assert.equal(total(r, 'failures'), 0, failuresText(r));
+});
+
 test('negative: a crash model that drops flush barriers is caught (raw)', async () => {
   const modes: CacheModeName[] = ['writeback', 'writethrough'];
   const runs: WorkloadParams[] = modes.map((mode, i) => ({ seed: 200 + i, format: 'raw', mode, clusterSize: 0, lazyRefcounts: false, ops: 30, createWith: 'vdisk' }));
