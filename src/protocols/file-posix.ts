@@ -121,11 +121,8 @@ export class FileDriver implements BlockDriver {
   }
 
   async pwrite(offset: number, buf: Buffer): Promise<void> {
-    if (this.direct) {
-      await this.directWrite(offset, buf);
-    } else {
-      await this.writeAll(this.fd, offset, buf);
-    }
+    if (this.direct) return this.directWrite(offset, buf);
+    await this.writeAll(this.fd, offset, buf);
     if (offset + buf.length > this.length) this.length = offset + buf.length;
   }
 
@@ -143,14 +140,17 @@ export class FileDriver implements BlockDriver {
   /**
    * An aligned write under O_DIRECT. Blocks wholly before EOF go direct; the last block, when
    * the file ends inside it, is written only up to EOF through the buffered descriptor (the
-   * rest of it is BlockNode's padding), so the file keeps its exact size.
+   * rest of it is BlockNode's padding), so the file keeps its exact size. A write starting
+   * at or past an aligned EOF is whole blocks and grows the file by them.
    */
   private async directWrite(offset: number, buf: Buffer): Promise<void> {
     const end = offset + buf.length;
     const align = this.direct!.request;
     const tailStart = this.length - (this.length % align);
-    if (end <= this.length || this.length % align === 0 || offset >= this.length) {
-      return this.directPieces(offset, buf, (pos, piece) => this.directWritePiece(pos, piece));
+    if (end <= this.length || tailStart === this.length || offset >= this.length) {
+      await this.directPieces(offset, buf, (pos, piece) => this.directWritePiece(pos, piece));
+      if (end > this.length) this.length = end;
+      return;
     }
     if (tailStart > offset) {
       const head = buf.subarray(0, tailStart - offset);
