@@ -9,8 +9,9 @@ import { VdiskError, invalidArgument, unsupported } from './errors.js';
 import { openFile, createFile } from '../protocols/file-posix.js';
 import { openNull, NULL_DEFAULT_SIZE } from '../protocols/null.js';
 import { rawFormat } from '../formats/raw.js';
+import { qcow2Format } from '../formats/qcow2/qcow2.js';
 
-export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat]]);
+export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat], [qcow2Format.name, qcow2Format]]);
 
 export function registerFormat(f: FormatDriverFactory): void {
   formats.set(f.name, f);
