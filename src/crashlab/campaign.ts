@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { checkWithVdisk, finishWithQemuCheck, type StateVerdict } from './check.js';
-import { SyncedImage, buildState, chooseStates, materialise, type StateKey, type StateOptions } from './states.js';
+import { SyncedImage, buildState, chooseStates, materialise, stateDigest, type StateKey, type StateOptions } from './states.js';
 import { describeParams, recordRun, type RecordedRun, type WorkloadParams } from './workload.js';
 
 export interface Failure {
@@ -68,11 +68,13 @@ export async function checkRun(run: RecordedRun, opts: CampaignOptions, result: 
     const image = materialise(synced, run.log, spec);
     opts.mutate?.(image, run);
     s.states++;
-    const digest = createHash('sha1').update(image).digest('hex') + `@${runSegment(run, key.crashAt)}`;
+    // A mutated image is not described by its spec any more: hash all of it.
+    const digest = (opts.mutate ? createHash('sha1').update(image).digest('hex') : stateDigest(image, synced.at(spec.synced), run.log, spec)) +
+      `@${runSegment(run, key.crashAt)}`;
     if (seen.has(digest)) continue;
     seen.add(digest);
     s.checked++;
-    const verdict = await checkWithVdisk(run, image, key.crashAt);
+    const verdict = await checkWithVdisk(run, image, key.crashAt, { consume: true });
     const p = finishWithQemuCheck(run, verdict, key.crashAt, { workDir: dir, qemuCheck: opts.qemuCheck, qemuRead: opts.qemuRead })
       .then((v) => record(v, run, key, spec.persist.length, opts, result, s))
       .finally(() => inFlight.delete(p));

@@ -47,13 +47,13 @@ export interface CheckOptions {
 
 const READ_CHUNK = 1 << 20;
 
-/** Steps 1 and 2: open, read back, verify, close. `image` is not modified. */
-export async function checkWithVdisk(run: RecordedRun, image: Buffer, crashAt: number): Promise<StateVerdict> {
+/** Steps 1 and 2: open, read back, verify, close. `image` is not modified unless `consume`. */
+export async function checkWithVdisk(run: RecordedRun, image: Buffer, crashAt: number, o: { consume?: boolean } = {}): Promise<StateVerdict> {
   const unsafe = run.params.mode === 'unsafe';
   const problems: string[] = [];
   const notes: string[] = [];
   const mem = openMemory(0, 'crash-state');
-  (mem.driver as MemoryDriver).data = Buffer.from(image);
+  (mem.driver as MemoryDriver).data = o.consume ? image : Buffer.from(image);
   let node: BlockNode;
   let disk: Buffer | undefined;
   try {

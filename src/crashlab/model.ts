@@ -36,6 +36,7 @@ export function fillPattern(buf: Buffer, id: number, firstSector: number): void 
 }
 
 const scratch = Buffer.alloc(SECTOR);
+const zeroSector = Buffer.alloc(SECTOR);
 
 /**
  * The tag a read-back sector carries: ZERO_TAG for zeros, the writer's id for a well-formed
@@ -44,10 +45,7 @@ const scratch = Buffer.alloc(SECTOR);
  */
 export function decodeSector(sector: Buffer, lba: number): number {
   const magic = sector.readUInt32BE(0);
-  if (magic === 0) {
-    for (let i = 0; i < SECTOR; i += 4) if (sector.readUInt32BE(i) !== 0) return -1;
-    return ZERO_TAG;
-  }
+  if (magic === 0) return sector.equals(zeroSector) ? ZERO_TAG : -1;
   if (magic !== MAGIC) return -1;
   const id = sector.readUInt32BE(4);
   if (id === 0 || sector.readUInt32BE(8) !== lba) return -1;

@@ -6,6 +6,7 @@
 // Up to `exhaustiveLimit` pending entries every subset is enumerated (in log order, whole);
 // beyond that, and in addition, states are sampled with tearing and random order. A state
 // is named by a StateKey, so a failure can be rebuilt exactly from (run params, key).
+import { createHash } from 'node:crypto';
 import type { LogEntry } from '../filters/fault-injection.js';
 import { prng } from './workload.js';
 
@@ -183,12 +184,39 @@ export class SyncedImage {
     this.img = Buffer.from(base);
   }
 
-  /** The image with entries [0, synced) applied; `synced` must not decrease. */
+  /** The image with entries [0, synced) applied; `synced` must not decrease. Do not modify it. */
   at(synced: number): Buffer {
     if (synced < this.upTo) throw new Error(`synced prefix went backwards (${synced} < ${this.upTo})`);
     for (; this.upTo < synced; this.upTo++) this.img = applyEntry(this.img, this.log[this.upTo]);
     return this.img;
   }
+}
+
+/**
+ * A digest that is equal for two states of the same synced prefix exactly when their
+ * images are equal: only sectors the persisted entries touched can differ from the synced
+ * image, so those that do (number and content) are hashed. Cheap for large images.
+ */
+export function stateDigest(img: Buffer, syncedImg: Buffer, log: readonly LogEntry[], spec: CrashStateSpec): string {
+  const touched = new Set<number>();
+  for (const p of spec.persist) {
+    const e = log[p.index];
+    if (e.kind === 'flush' || e.kind === 'truncate') continue;
+    if (p.sectors) for (const s of p.sectors) touched.add(s);
+    else for (const s of sectorsOf(e)) touched.add(s);
+  }
+  const h = createHash('sha1');
+  const zero = Buffer.alloc(DEVICE_SECTOR);
+  for (const s of [...touched].sort((a, b) => a - b)) {
+    const start = s * DEVICE_SECTOR;
+    if (start >= img.length) continue;
+    const mine = img.subarray(start, Math.min(img.length, start + DEVICE_SECTOR));
+    const before = start < syncedImg.length ? syncedImg.subarray(start, Math.min(syncedImg.length, start + DEVICE_SECTOR)) : zero.subarray(0, 0);
+    if (mine.equals(before)) continue;
+    if (before.length < mine.length && mine.equals(Buffer.concat([before, zero.subarray(0, mine.length - before.length)]))) continue;
+    h.update(`${s};`).update(mine);
+  }
+  return `${spec.synced}:${img.length}:${h.digest('hex')}`;
 }
 
 /** The bytes of one crash state (a fresh buffer). */
