@@ -372,7 +372,14 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   if (h.backingFormat) parts.push(extension(C.QCOW2_EXT_MAGIC_BACKING_FORMAT, Buffer.from(h.backingFormat)));
   if (h.dataFile !== null) parts.push(extension(C.QCOW2_EXT_MAGIC_DATA_FILE, Buffer.from(h.dataFile)));
   if (h.cryptoHeader) parts.push(extension(C.QCOW2_EXT_MAGIC_CRYPTO_HEADER, h.cryptoHeader));
-  if (h.version === 3) {
+  // QEMU leaves the (optional) feature name table out when the header cluster has no room.
+  const roomForTable = (bytes: number) => {
+    const rest = 8 + (h.bitmaps ? 8 + C.QCOW2_BITMAPS_EXT_SIZE : 0) +
+      h.unknownExtensions.reduce((n, u) => n + 8 + ((u.data.length + 7) & ~7), 0) +
+      (h.backingFile !== null ? Buffer.byteLength(h.backingFile) : 0);
+    return parts.reduce((n, p) => n + p.length, 0) + 8 + bytes + rest <= cs;
+  };
+  if (h.version === 3 && roomForTable(featureTableFor(h).length * C.QCOW2_FEATURE_NAME_ENTRY_SIZE)) {
     const table = featureTableFor(h);
     const body = Buffer.alloc(table.length * C.QCOW2_FEATURE_NAME_ENTRY_SIZE);
     table.forEach((f, i) => {
