@@ -37,17 +37,31 @@ export interface ServerContext {
   /** Milliseconds from accept to the end of the handshake; 0 = no limit. */
   handshakeLimitMs: number;
   shuttingDown: boolean;
+  limits: ConnectionLimits;
   log(message: string): void;
 }
 
+/** Per-connection limits before the socket stops being read (bounded memory per client). */
+export interface ConnectionLimits {
+  maxInFlightRequests: number;
+  maxInFlightBytes: number;
+  /** Reply bytes queued on the socket because the client reads slowly. */
+  maxOutputBuffered: number;
+}
+
+export const DEFAULT_LIMITS: ConnectionLimits = {
+  maxInFlightRequests: 256,
+  maxInFlightBytes: 64 * 1024 * 1024,
+  maxOutputBuffered: 16 * 1024 * 1024,
+};
+
 /** Option data kept in memory at most; INFO/GO with every possible info request fits. */
 const MAX_OPTION_IN_MEMORY = 256 * 1024;
-/** Per-connection limits before the socket stops being read. */
-const MAX_IN_FLIGHT_REQUESTS = 256;
-const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
-const MAX_OUTPUT_BUFFERED = 16 * 1024 * 1024;
-/** Reads at least this large are answered sparsely (hole chunks for zero ranges). */
-const SPARSE_READ_MIN = 0;
+/**
+ * Reads at least this large are answered sparsely (hole chunks for zero ranges). Below it a
+ * block-status lookup costs more than the zeros it would save sending.
+ */
+const SPARSE_READ_MIN = 64 * 1024;
 /** Extents and read runs per reply; a reply may cover less than asked (spec allows it). */
 const MAX_EXTENTS = 65536;
 const MAX_READ_RUNS = 1024;
@@ -173,22 +187,32 @@ export class NbdConnection implements ReceiverHandler {
 
   // ---- output --------------------------------------------------------------------------------
 
-  /** Replies finishing in the same tick leave in one writev. */
+  /**
+   * Most replies are one buffer (header and payload built together), written at once. A reply
+   * of several pieces is corked so it leaves in one writev.
+   */
   private send(buf: Buffer): void {
     if (this.phase === Phase.Closed) return;
-    if (!this.corked) {
-      this.corked = true;
-      this.out.cork();
-      process.nextTick(this.uncork);
-    }
     this.out.write(buf);
+    if (!this.corked) this.checkOutput();
   }
 
-  private readonly uncork = (): void => {
+  private cork(): void {
+    if (this.corked || this.phase === Phase.Closed) return;
+    this.corked = true;
+    this.out.cork();
+  }
+
+  private uncork(): void {
     if (!this.corked) return;
     this.corked = false;
     this.out.uncork();
-    if (!this.holdingForOutput && this.out.writableLength > MAX_OUTPUT_BUFFERED && this.phase !== Phase.Closed) {
+    this.checkOutput();
+  }
+
+  /** A client slow to read its replies stops us reading its requests. */
+  private checkOutput(): void {
+    if (!this.holdingForOutput && this.out.writableLength > this.ctx.limits.maxOutputBuffered && this.phase !== Phase.Closed) {
       this.holdingForOutput = true;
       this.receiver.hold();
       this.out.once('drain', () => {
@@ -196,7 +220,7 @@ export class NbdConnection implements ReceiverHandler {
         this.receiver.release();
       });
     }
-  };
+  }
 
   // ---- handshake -----------------------------------------------------------------------------
 
@@ -514,7 +538,7 @@ export class NbdConnection implements ReceiverHandler {
     const bytes = req.type === NBD_CMD_READ ? req.length : (data?.length ?? 0);
     this.inFlight++;
     this.inFlightBytes += bytes;
-    if (!this.holdingForInFlight && (this.inFlight >= MAX_IN_FLIGHT_REQUESTS || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES)) {
+    if (!this.holdingForInFlight && (this.inFlight >= this.ctx.limits.maxInFlightRequests || this.inFlightBytes >= this.ctx.limits.maxInFlightBytes)) {
       this.holdingForInFlight = true;
       this.receiver.hold();
     }
@@ -525,7 +549,7 @@ export class NbdConnection implements ReceiverHandler {
   private complete(bytes: number): void {
     this.inFlight--;
     this.inFlightBytes -= bytes;
-    if (this.holdingForInFlight && this.inFlight < MAX_IN_FLIGHT_REQUESTS / 2 && this.inFlightBytes < MAX_IN_FLIGHT_BYTES / 2) {
+    if (this.holdingForInFlight && this.inFlight < this.ctx.limits.maxInFlightRequests / 2 && this.inFlightBytes < this.ctx.limits.maxInFlightBytes / 2) {
       this.holdingForInFlight = false;
       this.receiver.release();
     }
@@ -576,9 +600,11 @@ export class NbdConnection implements ReceiverHandler {
     const backend = this.exp!.backend;
     const { offset, length } = req;
     if (!this.structured) {
-      const buf = Buffer.allocUnsafe(length);
-      if (length > 0) await backend.pread(offset, buf);
-      this.sendSimple(req, 0, buf);
+      // Header and data in one buffer: the payload is read straight into the reply.
+      const reply = Buffer.allocUnsafe(16 + length);
+      if (length > 0) await backend.pread(offset, reply.subarray(16));
+      this.simpleHeader(reply, req, 0);
+      this.send(reply);
       return;
     }
     if (length === 0) {
@@ -587,24 +613,22 @@ export class NbdConnection implements ReceiverHandler {
     }
     const runs = req.flags & NBD_CMD_FLAG_DF || length < SPARSE_READ_MIN ? null : await this.readRuns(offset, length);
     if (!runs || (runs.length === 1 && !runs[0].zero)) {
-      const buf = Buffer.allocUnsafe(length);
-      await backend.pread(offset, buf);
-      this.sendData(req, NBD_REPLY_FLAG_DONE, offset, buf);
+      const reply = this.dataChunk(req, NBD_REPLY_FLAG_DONE, offset, length);
+      await backend.pread(offset, reply.subarray(28));
+      this.send(reply);
       return;
     }
     // Read every data run first, so no chunk goes out before we know the read succeeded.
-    const bufs = await Promise.all(runs.map(async (r) => {
-      if (r.zero) return null;
-      const b = Buffer.allocUnsafe(r.length);
-      await backend.pread(r.offset, b);
-      return b;
+    const chunks = await Promise.all(runs.map(async (r, i) => {
+      const flags = i === runs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
+      if (r.zero) return this.holeChunk(req, flags, r.offset, r.length);
+      const chunk = this.dataChunk(req, flags, r.offset, r.length);
+      await backend.pread(r.offset, chunk.subarray(28));
+      return chunk;
     }));
-    runs.forEach((r, i) => {
-      const last = i === runs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      const b = bufs[i];
-      if (b) this.sendData(req, last, r.offset, b);
-      else this.sendHole(req, last, r.offset, r.length);
-    });
+    this.cork();
+    for (const c of chunks) this.send(c);
+    this.uncork();
   }
 
   /** Zero and data runs covering [offset, offset+length), from block status through the chain. */
@@ -674,22 +698,26 @@ export class NbdConnection implements ReceiverHandler {
 
   // ---- transmission: replies ---------------------------------------------------------------------
 
-  private sendSimple(req: NbdRequest, error: number, data: Buffer | null): void {
-    const h = Buffer.allocUnsafe(16);
+  private simpleHeader(h: Buffer, req: NbdRequest, error: number): void {
     h.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
     h.writeUInt32BE(error, 4);
     h.writeUInt32BE(req.handleHi, 8);
     h.writeUInt32BE(req.handleLo, 12);
+  }
+
+  private sendSimple(req: NbdRequest, error: number): void {
+    const h = Buffer.allocUnsafe(16);
+    this.simpleHeader(h, req, error);
     this.send(h);
-    if (data && data.length > 0) this.send(data);
   }
 
   private sendOk(req: NbdRequest): void {
-    this.sendSimple(req, 0, null);
+    this.sendSimple(req, 0);
   }
 
-  private chunkHeader(req: NbdRequest, flags: number, type: number, length: number, extra: number): Buffer {
-    const h = Buffer.allocUnsafe(20 + extra);
+  /** A structured chunk header followed by room for `length` payload bytes. */
+  private chunk(req: NbdRequest, flags: number, type: number, length: number): Buffer {
+    const h = Buffer.allocUnsafe(20 + length);
     h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
     h.writeUInt16BE(type, 6);
@@ -700,32 +728,33 @@ export class NbdConnection implements ReceiverHandler {
   }
 
   private sendChunk(req: NbdRequest, flags: number, type: number, payload: Buffer | null): void {
-    this.send(this.chunkHeader(req, flags, type, payload?.length ?? 0, 0));
-    if (payload && payload.length > 0) this.send(payload);
+    const c = this.chunk(req, flags, type, payload?.length ?? 0);
+    payload?.copy(c, 20);
+    this.send(c);
   }
 
-  private sendData(req: NbdRequest, flags: number, offset: number, data: Buffer): void {
-    const h = this.chunkHeader(req, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + data.length, 8);
-    writeU64(h, 20, offset);
-    this.send(h);
-    this.send(data);
+  /** NBD_REPLY_TYPE_OFFSET_DATA with room for the data at byte 28. */
+  private dataChunk(req: NbdRequest, flags: number, offset: number, length: number): Buffer {
+    const c = this.chunk(req, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + length);
+    writeU64(c, 20, offset);
+    return c;
   }
 
-  private sendHole(req: NbdRequest, flags: number, offset: number, length: number): void {
-    const h = this.chunkHeader(req, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12, 12);
-    writeU64(h, 20, offset);
-    h.writeUInt32BE(length, 28);
-    this.send(h);
+  private holeChunk(req: NbdRequest, flags: number, offset: number, length: number): Buffer {
+    const c = this.chunk(req, flags, NBD_REPLY_TYPE_OFFSET_HOLE, 12);
+    writeU64(c, 20, offset);
+    c.writeUInt32BE(length, 28);
+    return c;
   }
 
   /** Errors go in a structured error chunk (with a message) whenever structured replies are on. */
   private sendError(req: NbdRequest, error: number, message: string): void {
     if (!this.structured) {
-      this.sendSimple(req, error, null);
+      this.sendSimple(req, error);
       return;
     }
     const msg = Buffer.from(message, 'utf8').subarray(0, NBD_MAX_STRING_SIZE);
-    const h = this.chunkHeader(req, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + msg.length, 6 + msg.length);
+    const h = this.chunk(req, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6 + msg.length);
     h.writeUInt32BE(error, 20);
     h.writeUInt16BE(msg.length, 24);
     msg.copy(h, 26);

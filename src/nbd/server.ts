@@ -4,7 +4,7 @@
 import net from 'node:net';
 import fs from 'node:fs';
 import { invalidArgument } from '../block/errors.js';
-import { NbdConnection, type ServerContext } from './connection.js';
+import { DEFAULT_LIMITS, NbdConnection, type ConnectionLimits, type ServerContext } from './connection.js';
 import type { NbdExport } from './export.js';
 import { NBD_DEFAULT_PORT } from './protocol.js';
 import type { TlsCredentials } from './tls.js';
@@ -23,6 +23,8 @@ export interface ServerOptions {
   maxClients?: number;
   /** Seconds a client has to finish the handshake (qemu-nbd --handshake-limit); 0 = none. Default 10. */
   handshakeLimit?: number;
+  /** Per-connection backpressure limits (defaults: 256 requests, 64 MiB in flight, 16 MiB output). */
+  limits?: Partial<ConnectionLimits>;
   log?: (message: string) => void;
 }
 
@@ -47,6 +49,7 @@ export async function startServer(opts: ServerOptions): Promise<NbdServer> {
     tls: opts.tls ?? null,
     handshakeLimitMs: (opts.handshakeLimit ?? 10) * 1000,
     shuttingDown: false,
+    limits: { ...DEFAULT_LIMITS, ...opts.limits },
     log: opts.log ?? (() => {}),
   };
   const connections = new Set<NbdConnection>();
@@ -84,7 +87,7 @@ export async function startServer(opts: ServerOptions): Promise<NbdServer> {
   let uri: string;
   if (opts.socketPath) {
     address = { path: opts.socketPath };
-    uri = `nbd+unix:///?socket=${opts.socketPath}`;
+    uri = `${opts.tls ? 'nbds' : 'nbd'}+unix:///?socket=${opts.socketPath}`;
   } else {
     const a = server.address() as net.AddressInfo;
     address = { host: a.address, port: a.port };

@@ -118,8 +118,9 @@ export function upgradeToTls(socket: net.Socket, creds: TlsCredentials, timeoutM
     secure.once('close', () => fail(new Error('connection closed during TLS handshake')));
     secure.once('secure', () => {
       if (settled) return;
-      if (creds.verifyPeer && !secure.authorized) {
-        fail(new Error(`client certificate rejected: ${secure.authorizationError ?? 'none presented'}`));
+      const rejected = creds.verifyPeer ? peerVerifyError(secure) : null;
+      if (rejected) {
+        fail(new Error(`client certificate rejected: ${rejected}`));
         return;
       }
       settled = true;
@@ -128,4 +129,19 @@ export function upgradeToTls(socket: net.Socket, creds: TlsCredentials, timeoutM
       resolve(secure);
     });
   });
+}
+
+/**
+ * OpenSSL (as Node sets it up) already refuses a handshake without a client certificate when
+ * one is demanded, but leaves checking the chain to JavaScript. tls.Server does that check in
+ * a private 'secure' handler that a TLSSocket made for STARTTLS does not get, so ask the
+ * handle the same question (`verifyError()`, what tls.Server uses).
+ */
+function peerVerifyError(secure: tls.TLSSocket): string | null {
+  const handle = (secure as unknown as { _handle?: { verifyError?: () => Error | null } })._handle;
+  if (typeof handle?.verifyError !== 'function') return 'cannot verify the client certificate on this Node.js';
+  const err = handle.verifyError() as (Error & { code?: string }) | null;
+  if (err) return err.code ?? err.message;
+  if (!secure.getPeerCertificate()?.subject) return 'none presented';
+  return null;
 }
