@@ -447,3 +447,30 @@ test('resize, backing change, makeEmpty, preallocation and info', async (t) => {
     removeDir(dir);
   }
 });
+
+test('zstd compressed clusters: qemu-img wrote them, we read; we write them, qemu-img reads', async (t) => {
+  if (!needPeers(t, 'qemu-img')) return;
+  const dir = tempDir();
+  try {
+    const raw = path.join(dir, 'z.raw');
+    const data = Buffer.concat([pattern(512 << 10, 7), Buffer.alloc(1 << 20, 'zstd text '), Buffer.alloc(512 << 10)]);
+    fs.writeFileSync(raw, data);
+    const theirs = path.join(dir, 'theirs.qcow2');
+    runOk('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', raw, theirs]);
+    let n = await openImage(theirs, { readOnly: true });
+    assert.equal((await n.driver.info!()).formatSpecific?.data['compression-type'], 'zstd');
+    assert.ok((await readAll(n)).equals(data), 'zstd image from qemu-img reads back different data');
+    await n.close();
+    const ours = path.join(dir, 'ours.qcow2');
+    await createImage(ours, { format: 'qcow2', size: data.length, options: { compression_type: 'zstd' } });
+    n = await openImage(ours);
+    await n.pwrite(0, data, REQ_WRITE_COMPRESSED);
+    await n.close();
+    assertClean(ours);
+    const check = JSON.parse(runOk('qemu-img', ['check', '--output=json', ours]));
+    assert.ok(check['compressed-clusters'] >= 16);
+    assert.ok(qemuRead(ours, dir).equals(data));
+  } finally {
+    removeDir(dir);
+  }
+});

@@ -57,7 +57,11 @@ export async function decompressCluster(input: Buffer, clusterSize: number, type
   try {
     if (type === C.QCOW2_COMPRESSION_TYPE_ZSTD) {
       const z = await needZstd(filename);
-      out = Buffer.from(z.decompress(input));
+      // The stored bytes run to a sector boundary: hand the decoder exactly one frame, and
+      // only one that declares a cluster's worth of content (bounded allocation).
+      const frame = zstdFrame(input, clusterSize);
+      if (!frame) throw new Error('not a zstd frame of one cluster');
+      out = Buffer.from(z.decompress(frame));
     } else {
       out = await inflateRaw(input, {
         windowBits: C.QCOW2_ZLIB_WINDOW_BITS,
@@ -73,4 +77,39 @@ export async function decompressCluster(input: Buffer, clusterSize: number, type
     throw corrupt(`${filename}: compressed cluster at ${hostOffset} decompresses to ${out.length} bytes, not the cluster size ${clusterSize}`);
   }
   return out;
+}
+
+/**
+ * The first zstd frame of `buf` (RFC 8878, 3.1.1), or null when it is malformed or does not
+ * declare a content size of `expected` bytes.
+ */
+function zstdFrame(buf: Buffer, expected: number): Buffer | null {
+  if (buf.length < 6 || buf.readUInt32LE(0) !== 0xfd2fb528) return null;
+  const fhd = buf[4];
+  const fcsFlag = fhd >> 6;
+  const single = (fhd >> 5) & 1;
+  const checksum = (fhd >> 2) & 1;
+  const dictBytes = [0, 1, 2, 4][fhd & 3];
+  const fcsBytes = [single ? 1 : 0, 2, 4, 8][fcsFlag];
+  let pos = 5 + (single ? 0 : 1) + dictBytes;
+  if (fcsBytes === 0 || pos + fcsBytes > buf.length) return null;
+  let fcs: number;
+  if (fcsBytes === 1) fcs = buf[pos];
+  else if (fcsBytes === 2) fcs = buf.readUInt16LE(pos) + 256;
+  else if (fcsBytes === 4) fcs = buf.readUInt32LE(pos);
+  else fcs = Number(buf.readBigUInt64LE(pos));
+  if (fcs !== expected) return null;
+  pos += fcsBytes;
+  for (;;) {
+    if (pos + 3 > buf.length) return null;
+    const bh = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16);
+    const last = bh & 1;
+    const btype = (bh >> 1) & 3;
+    const bsize = bh >>> 3;
+    if (btype === 3) return null;
+    pos += 3 + (btype === 1 ? 1 : bsize);
+    if (last) break;
+  }
+  pos += checksum ? 4 : 0;
+  return pos <= buf.length ? buf.subarray(0, pos) : null;
 }
