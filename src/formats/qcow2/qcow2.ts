@@ -489,13 +489,17 @@ export class Qcow2Driver implements BlockDriver {
     const l2Off = await this.getL2ForWrite(l1i);
     await this.markDirty();
     // Pack into the partly used cluster when it fits (QEMU's qcow2_alloc_bytes).
+    // The pack cluster is forgotten by Refcounts as soon as it is freed, so it can never be
+    // a cluster that was freed and handed to someone else meanwhile.
     let host: number;
     const free = this.compressedFreeByte;
-    if (free !== 0 && free % cs !== 0 && (free % cs) + packed.length <= cs && (await this.refcounts.get(Math.floor(free / cs))) > 0) {
+    const packCluster = Math.floor(free / cs);
+    if (free % cs !== 0 && packCluster === this.refcounts.packCluster && (free % cs) + packed.length <= cs) {
       host = free;
-      await this.refcounts.update(Math.floor(free / cs), 1, 1);
+      await this.refcounts.update(packCluster, 1, 1);
     } else {
       host = await this.refcounts.alloc(1);
+      this.refcounts.packCluster = host / cs;
     }
     this.compressedFreeByte = host + packed.length;
     await this.file.pwrite(host, packed);

@@ -54,6 +54,8 @@ export class Refcounts {
   table: Buffer;
   /** Where to start looking for free clusters (QEMU's free_cluster_index). */
   freeClusterIndex = 0;
+  /** Cluster index that compressed writes are packing into (-1: none); forgotten once freed. */
+  packCluster = -1;
   /** Called with the (offset, clusters) of each metadata cluster added or removed. */
   onMetadataChange: (offset: number, added: boolean) => void = () => {};
 
@@ -298,6 +300,7 @@ export class Refcounts {
           setRefcountEntry(block, this.order, i, v);
           if (v === 0) {
             freed.push(c);
+            if (c === this.packCluster) this.packCluster = -1;
             if (c < this.freeClusterIndex) this.freeClusterIndex = c;
           }
         }
