@@ -284,7 +284,8 @@ export class BlockNode {
 
   /**
    * Status through the backing chain (qemu-img map): ranges this layer does not allocate are
-   * asked of the backing node, depth + 1. Ranges past a shorter backing file read as zeros.
+   * asked of the backing node, depth + 1. Ranges past a shorter backing file read as zeros
+   * and are reported at this layer's depth, as qemu-img map does.
    */
   async blockStatusAbove(offset: number, length: number, depth = 0): Promise<ChainExtent[]> {
     const top = await this.blockStatus(offset, length);
@@ -300,7 +301,8 @@ export class BlockNode {
       const end = e.offset + e.length;
       while (pos < end) {
         if (pos >= backingLen) {
-          out.push({ offset: pos, length: end - pos, data: false, zero: true, allocated: false, depth: depth + 1 });
+          // Nothing below answers here: QEMU reports it at this layer's depth, not present.
+          out.push({ offset: pos, length: end - pos, data: false, zero: true, allocated: false, depth });
           break;
         }
         const sub = await backing.blockStatusAbove(pos, Math.min(end, backingLen) - pos, depth + 1);
