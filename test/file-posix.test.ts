@@ -261,6 +261,44 @@ try { await n.truncate(8 * 1024 * 1024, ${JSON.stringify(prealloc)}); out.ok = t
   }
 });
 
+test('ENOSPC part way through preallocation shrinks the file back', (t) => {
+  // A real full file system: a 4 MiB tmpfs mounted for the test (needs root). Without the
+  // addon, falloc and full both grow the file first and then write zeros, so the failure
+  // comes after the growth and only the rollback restores the old size.
+  if (process.getuid?.() !== 0) {
+    t.skip('needs root to mount a small tmpfs');
+    return;
+  }
+  const dir = tempDir();
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const m = run('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'vdisk-test', mnt]);
+  if (m.status !== 0) {
+    removeDir(dir);
+    t.skip(`cannot mount tmpfs: ${m.stderr.trim()}`);
+    return;
+  }
+  try {
+    for (const [prealloc, env] of [['full', { VDISK_NO_NATIVE: '1' }], ['falloc', { VDISK_NO_NATIVE: '1' }], ['full', {}], ['falloc', {}]] as const) {
+      const file = path.join(mnt, 'full.raw');
+      fs.writeFileSync(file, Buffer.alloc(100 * KiB, 0x44));
+      const out = child(`const n = await openFile(${JSON.stringify(file)}, { readOnly: false, direct: false, noFlush: false });
+try { await n.truncate(16 * 1024 * 1024, ${JSON.stringify(prealloc)}); out.ok = true; } finally { out.length = n.getLength(); await n.close(); }`,
+      env) as { error?: { code: string; message: string }; length: number };
+      const what = `${prealloc}${env.VDISK_NO_NATIVE ? ' without addon' : ''}`;
+      assert.equal(out.error?.code, 'ENOSPC', `${what}: ${JSON.stringify(out)}`);
+      assert.equal(out.error?.message, `${file}: resize to 16777216 bytes (preallocation=${prealloc}): No space left on device`);
+      assert.equal(out.length, 100 * KiB);
+      assert.equal(fs.statSync(file).size, 100 * KiB, `${what}: size rolled back`);
+      assert.ok(allocatedBytes(file) <= 100 * KiB + 4 * KiB, `${what}: space given back (${allocatedBytes(file)})`);
+      fs.rmSync(file);
+    }
+  } finally {
+    run('umount', [mnt]);
+    removeDir(dir);
+  }
+});
+
 test('without the native addon: all data, zeros written, fast zero refused, info says so', async (t) => {
   if (!needPeers(t, 'qemu-img')) return;
   const dir = tempDir();
