@@ -157,8 +157,11 @@ test('negative: qcow2 states where flush barriers are dropped are caught', async
     { seed: 400, format: 'qcow2', mode: 'writeback', ops: 30, clusterSize: 4096, lazyRefcounts: false },
     { seed: 401, format: 'qcow2', mode: 'writethrough', ops: 30, clusterSize: 4096, lazyRefcounts: false },
   ];
-  const r = await runCampaign(runs, { statesPerRun: 40, ignoreFlushes: true });
+  const r = await runCampaign(runs, { statesPerRun: 40, ignoreFlushes: true, keepFailures: 1000 });
   assert.ok(total(r, 'failures') > 0, 'losing flushed data on qcow2 went unnoticed');
+  const problems = r.failures.flatMap((f) => f.problems).join('\n');
+  assert.match(problems, /qemu-img check: status 2/, 'metadata written out of order was not caught by qemu-img check');
+  assert.match(problems, /guest sector \d+ .* reads/, 'lost guest data was not caught by the model');
 });
 
 // Known qcow2 bug found by the crash lab (reported to the qcow2 driver's owner): with
