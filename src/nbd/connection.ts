@@ -17,7 +17,7 @@ import {
 import {
   META_BASE_ALLOCATION, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM,
-  NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN, NBD_FLAG_C_FIXED_NEWSTYLE,
   NBD_FLAG_C_NO_ZEROES, NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FUA, NBD_INFO_DESCRIPTION, NBD_INFO_NAME,
   NBD_MAX_BUFFER_SIZE, NBD_MAX_OPTION_SIZE, NBD_MAX_STRING_SIZE, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
   NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS,
@@ -105,6 +105,8 @@ export class NbdConnection implements ReceiverHandler {
   private inFlightBytes = 0;
   private holdingForInFlight = false;
   private holdingForOutput = false;
+  /** Server shutdown: new requests get ESHUTDOWN. */
+  private draining = false;
   private corked = false;
   private idleWaiters: Array<() => void> = [];
   readonly closed: Promise<void>;
@@ -151,8 +153,10 @@ export class NbdConnection implements ReceiverHandler {
       this.destroy();
       return;
     }
-    this.phase = Phase.Closing;
-    this.receiver.stop();
+    // Requests still arriving are answered ESHUTDOWN, which tells the client to send
+    // NBD_CMD_DISC (spec); those in flight finish normally. Then FIN, and the descriptor
+    // goes when the client closes (or after a grace period).
+    this.draining = true;
     await this.idle();
     this.endSoftly();
     await this.closed;
@@ -162,9 +166,10 @@ export class NbdConnection implements ReceiverHandler {
     if (this.phase === Phase.Closed) return;
     this.phase = Phase.Closing;
     this.uncork();
+    this.receiver.stop(); // keep reading (and dropping) so a close cannot turn into a reset
     this.out.end();
     // A client that never closes its side must not keep the descriptor.
-    setTimeout(() => this.destroy(), 5000).unref();
+    setTimeout(() => this.destroy(), 2000).unref();
   }
 
   private onClose(): void {
@@ -458,6 +463,16 @@ export class NbdConnection implements ReceiverHandler {
   // ---- transmission: validation ----------------------------------------------------------------
 
   request(req: NbdRequest): Payload {
+    if (this.draining && req.type !== NBD_CMD_DISC) {
+      if (req.type === NBD_CMD_WRITE && req.length > NBD_MAX_BUFFER_SIZE) {
+        this.destroy();
+        return Payload.Disconnect;
+      }
+      this.reject(req, NBD_ESHUTDOWN, 'server is shutting down');
+      if (req.type === NBD_CMD_WRITE) return Payload.Skip;
+      this.sendError(req, req.error, req.errorMessage);
+      return Payload.None;
+    }
     if (req.type === NBD_CMD_WRITE) {
       if (req.length > NBD_MAX_BUFFER_SIZE) {
         // Reading it would mean buffering it; the spec allows a hard disconnect here.
