@@ -78,6 +78,31 @@ process.stdout.write(JSON.stringify(out));`;
   return JSON.parse(r.stdout);
 }
 
+test('npm install builds the native addon offline from a clean tree', (t) => {
+  if (!needPeers(t, 'npm')) return;
+  // A copy of just what the build needs, so the shared build/ is never rebuilt under others.
+  const dir = tempDir();
+  try {
+    for (const f of ['binding.gyp', '.npmrc', 'native', 'scripts']) fs.cpSync(path.join(REPO_ROOT, f), path.join(dir, f), { recursive: true });
+    const pkg = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8'));
+    fs.writeFileSync(path.join(dir, 'package.json'), JSON.stringify({ name: 'vdisk-build-check', version: '0.0.0', private: true, type: 'module', scripts: { install: pkg.scripts.install } }));
+    const r = run('npm', ['install', '--offline', '--no-audit', '--no-fund'], { cwd: dir, env: { ...process.env, npm_config_loglevel: 'error' } });
+    assert.equal(r.status, 0, r.stderr);
+    assert.doesNotMatch(r.stdout + r.stderr, /native addon build failed|warning:/i);
+    const addon = path.join(dir, 'build', 'Release', 'vdisk_native.node');
+    const probe = run(process.execPath, ['-e', `const n = require(${JSON.stringify(addon)}); const fs = require('fs');
+const fd = fs.openSync(${JSON.stringify(addon)}, 'r');
+console.log(JSON.stringify({ fns: Object.keys(n).sort(), data: n.seekData(fd, 0), pastEnd: n.seekData(fd, 1e12), punch: n.FALLOC_FL_PUNCH_HOLE }));`]);
+    assert.equal(probe.status, 0, probe.stderr);
+    assert.deepEqual(JSON.parse(probe.stdout), {
+      fns: ['FALLOC_FL_KEEP_SIZE', 'FALLOC_FL_PUNCH_HOLE', 'FALLOC_FL_ZERO_RANGE', 'blkdiscard', 'blockDeviceSectorSize', 'blockDeviceSize', 'dioAlignment', 'fallocate', 'seekData', 'seekHole'],
+      data: 0, pastEnd: -1, punch: 2,
+    });
+  } finally {
+    removeDir(dir);
+  }
+});
+
 test('block status matches qemu-img map on sparse files', async (t) => {
   if (!needPeers(t, 'qemu-img')) return;
   assert.ok(native, 'native addon must be built for this test');

@@ -70,6 +70,7 @@ export class FileDriver implements BlockDriver {
   readonly children = {};
   readonly caps: DriverCaps;
   private length: number;
+  private readonly fixedLimits: BlockLimits;
   /**
    * Under O_DIRECT, a second, buffered descriptor for the bytes of the last partial block
    * (and preallocation writes). Opened on first need, so most direct opens never have one.
@@ -90,10 +91,11 @@ export class FileDriver implements BlockDriver {
     this.length = size;
     const zeroing = native ? 'native' : 'none';
     this.caps = { fua: 'emulate', writeZeroes: zeroing, discard: zeroing };
+    this.fixedLimits = Object.freeze({ requestAlignment: direct?.request ?? 1, maxTransfer: MAX_TRANSFER });
   }
 
   limits(): BlockLimits {
-    return { requestAlignment: this.direct?.request ?? 1, maxTransfer: MAX_TRANSFER };
+    return this.fixedLimits; // BlockNode asks on every request: no allocation
   }
 
   getLength(): number {
