@@ -200,6 +200,34 @@ test('write zeroes: MAY_UNMAP punches a hole, otherwise ZERO_RANGE keeps the blo
   }
 });
 
+test('write zeroes on a file system without ZERO_RANGE (tmpfs): emulated, or ENOTSUP when fast', async (t) => {
+  // tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE.
+  const shm = '/dev/shm';
+  if (!fs.existsSync(shm) || !fs.readFileSync('/proc/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === shm && l.split(' ')[2] === 'tmpfs')) {
+    t.skip('no tmpfs at /dev/shm');
+    return;
+  }
+  const dir = fs.mkdtempSync(path.join(shm, 'vdisk-test-'));
+  try {
+    const file = path.join(dir, 'z.raw');
+    fs.writeFileSync(file, Buffer.alloc(2 * MiB, 0x77));
+    const node = await open(file);
+    const full = allocatedBytes(file);
+    await assert.rejects(node.pwriteZeroes(0, MiB, REQ_NO_FALLBACK), (e: VdiskError) => e instanceof VdiskError && e.code === 'ENOTSUP');
+    assert.ok(fs.readFileSync(file).subarray(0, MiB).every((b) => b === 0x77), 'a refused fast zero changes nothing');
+    await node.pwriteZeroes(0, MiB, 0);
+    assert.equal(allocatedBytes(file), full, 'emulated by writing zeros: still allocated');
+    await node.pwriteZeroes(MiB, MiB, REQ_MAY_UNMAP);
+    assert.equal(allocatedBytes(file), full - MiB, 'the hole was punched');
+    await node.close();
+    const bytes = fs.readFileSync(file);
+    assert.equal(bytes.length, 2 * MiB);
+    assert.ok(bytes.every((b) => b === 0));
+  } finally {
+    removeDir(dir);
+  }
+});
+
 test('write zeroes past EOF (driver level) extends the file exactly', async () => {
   const dir = tempDir();
   try {
