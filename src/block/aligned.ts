@@ -28,6 +28,8 @@ export class AlignedPool {
   readonly slotSize: number;
   readonly slotCount: number;
   private arena: ArrayBuffer | null = null;
+  /** One Buffer view per slot, made once: acquire() allocates nothing. */
+  private views: Buffer[] = [];
   private readonly free: number[] = [];
   private readonly inUse = new Set<number>();
   private readonly waiters: Array<(slot: number) => void> = [];
@@ -45,15 +47,15 @@ export class AlignedPool {
 
   /** A slot-sized Buffer whose address is SLOT_ALIGNMENT-aligned. Waits (FIFO) when all are busy. */
   acquire(): Promise<Buffer> {
-    const arena = this.ensureArena();
+    this.ensureArena();
+    // release() hands slots straight to waiters, so a free slot means nobody is waiting.
     const slot = this.free.pop();
-    if (slot !== undefined && this.waiters.length === 0) {
+    if (slot !== undefined) {
       this.inUse.add(slot);
-      return Promise.resolve(Buffer.from(arena, slot * this.slotSize, this.slotSize));
+      return Promise.resolve(this.views[slot]);
     }
-    if (slot !== undefined) this.free.push(slot);
     return new Promise((resolve) => {
-      this.waiters.push((s) => resolve(Buffer.from(arena, s * this.slotSize, this.slotSize)));
+      this.waiters.push((s) => resolve(this.views[s]));
     });
   }
 
@@ -83,7 +85,9 @@ export class AlignedPool {
   private ensureArena(): ArrayBuffer {
     if (this.arena) return this.arena;
     const pages = (this.slotSize * this.slotCount) / WASM_PAGE;
-    this.arena = new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer;
+    const arena = new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer;
+    this.arena = arena;
+    this.views = Array.from({ length: this.slotCount }, (_, i) => Buffer.from(arena, i * this.slotSize, this.slotSize));
     // Hand out low slots first (pop from the end), which keeps the touched memory small.
     for (let i = this.slotCount - 1; i >= 0; i--) this.free.push(i);
     return this.arena;

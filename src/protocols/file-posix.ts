@@ -60,7 +60,7 @@ export interface DirectAlignment {
 const MAX_TRANSFER = 1 << 30;
 /** Pool slots one direct request keeps in flight at once (each piece is one syscall). */
 const DIRECT_PARALLEL = 4;
-/** Chunk for writing zeros (preallocation=full, zeroing without the addon is BlockNode's). */
+/** Zeros for preallocation=full (never written into). */
 const ZERO_CHUNK = Buffer.alloc(1 << 20);
 /** Most extents one blockStatus call returns; the caller asks again for the rest. */
 const MAX_STATUS_EXTENTS = 1024;
