@@ -164,17 +164,12 @@ test('negative: qcow2 states where flush barriers are dropped are caught', async
   assert.match(problems, /guest sector \d+ .* reads/, 'lost guest data was not caught by the model');
 });
 
-// Known qcow2 bug found by the crash lab (reported to the qcow2 driver's owner): with
-// lazy_refcounts=on, a write that allocates a whole new cluster past the end of the file
-// issues truncate (grow), data write, L2 table write with no flush between them. A crash
-// can keep the L2 entry but lose the growth and the data: the entry points a cluster or
-// more past the end of the file, vdisk's lazy-refcount repair refuses to open the image
-// ("data cluster at N is past the end of the file"), and qemu-img check calls it a
-// corruption. Kept as a todo (it reports, it does not fail the suite) until the driver
-// orders the growth before the L2 entry or repairs by growing the file.
-test('qcow2 lazy refcounts: an L2 entry persisted before the file growth it points into', {
-  todo: 'qcow2 driver: L2 entry may reach the disk before the truncate that covers its cluster',
-}, async (t) => {
+// Found by the crash lab: with lazy_refcounts=on, a write that allocates a whole new
+// cluster past the end of the file issues truncate (grow), data write, L2 table write with
+// no flush between them. A crash can keep the L2 entry but lose the growth and the data.
+// The lazy-refcount repair now grows the file to cover such never-flushed clusters (they
+// read as zeros), so the image opens and qemu-img check is clean.
+test('qcow2 lazy refcounts: an L2 entry persisted before the file growth it points into', async (t) => {
   if (!needPeers(t, 'qemu-img')) return;
   if (!haveQcow2()) return t.skip('qcow2 driver not registered yet');
   const params: WorkloadParams = { seed: 19, mode: 'directsync', ops: 30, format: 'qcow2', clusterSize: 512, lazyRefcounts: true };

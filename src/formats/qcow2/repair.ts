@@ -29,12 +29,28 @@ export async function repairRefcounts(file: BlockNode, h: Qcow2Header, l1In: Buf
   if (fileClusters > MAX_REPAIR_CLUSTERS) {
     throw new VdiskError('ENOMEM', 'io', `${fn}: image has ${fileClusters} host clusters, more than ${MAX_REPAIR_CLUSTERS} that refcount repair handles`);
   }
-  const counts = new Float64Array(fileClusters);
+  let counts = new Float64Array(fileClusters);
+  // Clusters the repaired structure must cover: the file, plus data clusters past its end.
+  // With lazy refcounts an L2 entry can reach the disk while the write that grew the file
+  // for its data did not (no barrier between them): such a cluster was allocated after the
+  // last flush, so its data was never promised, and it reads as zeros once the file covers it.
+  let coveredClusters = fileClusters;
   const inc = (off: number, len: number, what: string) => {
     if (len <= 0) return;
     const first = Math.floor(off / cs);
     const last = Math.floor((off + len - 1) / cs);
-    if (last >= fileClusters) throw corrupt(`${fn}: ${what} at ${off} is past the end of the file; cannot repair refcounts`);
+    if (last >= fileClusters) {
+      const isData = what === 'data cluster' || what === 'compressed cluster';
+      if (!isData || last >= MAX_REPAIR_CLUSTERS) {
+        throw corrupt(`${fn}: ${what} at ${off} is past the end of the file; cannot repair refcounts`);
+      }
+      if (last >= counts.length) {
+        const grown = new Float64Array(Math.min(MAX_REPAIR_CLUSTERS, Math.max(last + 1, counts.length * 2)));
+        grown.set(counts);
+        counts = grown;
+      }
+      coveredClusters = Math.max(coveredClusters, last + 1);
+    }
     for (let c = first; c <= last; c++) counts[c]++;
   };
   const readTable = async (off: number, bytes: number): Promise<Buffer> => {
@@ -94,7 +110,7 @@ export async function repairRefcounts(file: BlockNode, h: Qcow2Header, l1In: Buf
   // New refcount structure after the end of the file: `blocks` blocks then the table.
   const perBlock = 2 ** (h.clusterBits + 3 - h.refcountOrder);
   const maxRefcount = h.refcountOrder === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** h.refcountOrder) - 1;
-  const start = fileClusters;
+  const start = coveredClusters;
   let blocks = 1;
   let tableClusters = 1;
   for (let iter = 0; iter < 64; iter++) {
@@ -110,7 +126,7 @@ export async function repairRefcounts(file: BlockNode, h: Qcow2Header, l1In: Buf
   }
   const table = Buffer.alloc(tableClusters * cs);
   const area = Buffer.alloc(blocks * cs);
-  const countOf = (c: number) => (c < fileClusters ? counts[c] : 1); // clusters past the old end: the new structure itself
+  const countOf = (c: number) => (c < coveredClusters ? counts[c] : 1); // past that: the new structure itself
   for (let c = 0; c < start + blocks + tableClusters; c++) {
     const v = countOf(c);
     if (v === 0) continue;
