@@ -646,11 +646,26 @@ describe('limits and abuse', () => {
     await node.close();
   });
 
-  test('-e: clients over the limit are refused', async () => {
+  test('-e: at the limit a newcomer replaces the oldest client still in its handshake', async () => {
     const fx = await serveFiles([{ name: '' }], { maxClients: 1 });
     try {
       const a = await RawClient.connect(fx.server);
       await a.read(18);
+      const b = await RawClient.connect(fx.server);
+      assert.equal(await a.closedByServer(), true, 'the idle handshaking client was not evicted');
+      const { size } = await go(b);
+      assert.ok(size > 0);
+      b.destroy();
+    } finally {
+      await fx.close();
+    }
+  });
+
+  test('-e: clients past the handshake are never evicted; newcomers are refused', async () => {
+    const fx = await serveFiles([{ name: '' }], { maxClients: 1 });
+    try {
+      const a = await RawClient.connect(fx.server);
+      await go(a);
       const b = await RawClient.connect(fx.server);
       assert.equal(await b.closedByServer(), true);
       assert.equal(b.buffered, 0);

@@ -19,7 +19,8 @@ export interface ServerOptions {
   socketPath?: string;
   /** With credentials the server runs in FORCEDTLS mode. */
   tls?: TlsCredentials | null;
-  /** Clients at once (qemu-nbd -e); more are refused. Default 100. */
+  /** Clients at once (qemu-nbd -e). At the limit a newcomer replaces the oldest connection
+   * still in its handshake; when all are past it, the newcomer is refused. Default 100. */
   maxClients?: number;
   /** Seconds a client has to finish the handshake (qemu-nbd --handshake-limit); 0 = none. Default 10. */
   handshakeLimit?: number;
@@ -52,11 +53,17 @@ export async function startServer(opts: ServerOptions): Promise<NbdServer> {
     limits: { ...DEFAULT_LIMITS, ...opts.limits },
     log: opts.log ?? (() => {}),
   };
+  // Insertion order of the Set is accept order, so the first handshaking one is the oldest.
   const connections = new Set<NbdConnection>();
+  const maxClients = opts.maxClients ?? 100;
   const server = net.createServer({ noDelay: true });
-  server.maxConnections = opts.maxClients ?? 100;
   server.on('connection', (socket) => {
     if (ctx.shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    if (connections.size >= maxClients && !evictOldestHandshaking()) {
+      ctx.log(`refused a client: ${maxClients} clients already connected`);
       socket.destroy();
       return;
     }
@@ -64,7 +71,24 @@ export async function startServer(opts: ServerOptions): Promise<NbdServer> {
     connections.add(conn);
     conn.closed.then(() => connections.delete(conn));
   });
-  server.on('drop', () => ctx.log(`refused a client: ${server.maxConnections} clients already connected`));
+
+  /**
+   * At the -e limit a new client takes the place of the oldest connection that has not
+   * finished its handshake. Node cannot stop accepting while keeping the socket listening
+   * (qemu-nbd's answer), and refusing newcomers would let idle connections lock real
+   * clients out until the handshake deadline. A real client's handshake takes
+   * milliseconds; connections in the transmission phase are never evicted.
+   */
+  function evictOldestHandshaking(): boolean {
+    for (const c of connections) {
+      if (!c.transmitting) {
+        c.destroy('evicted: connection limit reached and a new client arrived');
+        connections.delete(c);
+        return true;
+      }
+    }
+    return false;
+  }
 
   if (opts.socketPath) {
     // A stale socket from a crashed run would make listen fail with EADDRINUSE.
