@@ -115,7 +115,8 @@ export async function run(): Promise<void> {
       for (const transport of transports) {
         for (const s of order) {
           // One server at a time: qemu-nbd locks the image, and the cores are shared.
-          const ep: Endpoint = transport === 'unix' ? { socket: path.join(dir, `${s}.sock`) } : { port: await freePort() };
+          // A fresh socket path each time: nbdkit leaves its socket behind on SIGTERM.
+          const ep: Endpoint = transport === 'unix' ? { socket: path.join(dir, `${s}-${round}.sock`) } : { port: await freePort() };
           const d = await startServer(s, img, ep);
           try {
             const uri = nbdUri(ep);
