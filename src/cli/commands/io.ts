@@ -10,7 +10,7 @@ import { REQ_FUA, REQ_MAY_UNMAP, REQ_WRITE_COMPRESSED } from '../../block/driver
 import { VdiskError, invalidArgument } from '../../block/errors.js';
 import { openImage } from '../../block/graph.js';
 import { formatSize } from '../../block/size.js';
-import { action, cacheOption, collect, reportError } from '../common.js';
+import { action, cacheOption, collect, collectKeyValues, reportError } from '../common.js';
 import { parseCacheMode } from '../../block/cache-mode.js';
 
 /** qemu-io's cvtnum: decimal or 0x hex, optional k/M/G/T/P/E suffix. */
@@ -78,7 +78,8 @@ function offLen(args: string[], name: string): [number, number] {
 }
 
 /** Runs one qemu-io command; returns false when it failed. Output goes to `out`. */
-export async function runIoCommand(blk: BlockBackend, line: string, out: (s: string) => void): Promise<boolean> {
+export async function runIoCommand(blk: BlockBackend, line: string, out: (s: string) => void,
+  err: (s: string) => void = out): Promise<boolean> {
   const words = line.trim().split(/\s+/).filter(Boolean);
   if (words.length === 0) return true;
   const [cmd, ...rest] = words;
@@ -159,15 +160,15 @@ export async function runIoCommand(blk: BlockBackend, line: string, out: (s: str
         return true;
       }
       default:
-        out(`command "${cmd}" not found\n`);
+        err(`command "${cmd}" not found\n`); // qemu-io prints this one on stderr
         return false;
     }
-  } catch (err) {
-    if (err instanceof VdiskError) {
-      out(`${cmd} failed: ${err.message}\n`);
+  } catch (e) {
+    if (e instanceof VdiskError) {
+      out(`${cmd} failed: ${e.message}\n`);
       return false;
     }
-    throw err;
+    throw e;
   }
 }
 
@@ -180,22 +181,25 @@ export function register(program: Command): void {
     .option('-n, --nocache', 'cache=none (O_DIRECT)')
     .option('-r, --read-only', 'open read-only')
     .option('-c, --cmd <command>', 'command to run (repeatable)', collect)
-    .option('-o, --options <opts>', 'driver options')
+    .option('-o, --options <opts>', 'driver options, e.g. offset=1M,size=4M for raw or l2-cache-size=8M', collectKeyValues)
     .argument('<file>')
-    .action(action(async (file: string, o: { format?: string; cache?: string; nocache?: boolean; readOnly?: boolean; cmd?: string[] }) => {
+    .action(action(async (file: string, o: {
+      format?: string; cache?: string; nocache?: boolean; readOnly?: boolean; cmd?: string[]; options?: Record<string, string>;
+    }) => {
       const cache = o.nocache ? parseCacheMode('none') : cacheOption(o.cache);
-      const node = await openImage(file, { format: o.format, readOnly: !!o.readOnly, cache });
+      const node = await openImage(file, { format: o.format, readOnly: !!o.readOnly, cache, options: o.options });
       const blk = new BlockBackend(node, cache);
       let failed = false;
       const out = (s: string) => process.stdout.write(s);
+      const err = (s: string) => process.stderr.write(s);
       try {
         if (o.cmd) {
-          for (const c of o.cmd) if (!(await runIoCommand(blk, c, out))) failed = true;
+          for (const c of o.cmd) if (!(await runIoCommand(blk, c, out, err))) failed = true;
         } else {
           const rl = readline.createInterface({ input: process.stdin, terminal: false });
           for await (const line of rl) {
             if (line.trim() === 'quit' || line.trim() === 'q') break;
-            if (!(await runIoCommand(blk, line, out))) failed = true;
+            if (!(await runIoCommand(blk, line, out, err))) failed = true;
           }
         }
       } finally {
