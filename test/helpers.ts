@@ -86,14 +86,5 @@ export function runOk(cmd: string, args: string[], opts: { input?: string | Buff
   return r.stdout;
 }
 
-/** Deterministic PRNG (mulberry32) for seeded workloads. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic PRNG (mulberry32) for seeded workloads: the crash lab's, so seeds agree. */
+export { prng } from '../src/crashlab/workload.js';
