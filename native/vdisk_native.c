@@ -7,11 +7,28 @@
  *   blockDeviceSize(fd) -> number                          ioctl BLKGETSIZE64
  *   blockDeviceSectorSize(fd) -> number                    ioctl BLKSSZGET
  *   blkdiscard(fd, offset, length) -> Promise<void>        ioctl BLKDISCARD
+ *   preadNowait(fd, buf, offset) -> number                 preadv2(RWF_NOWAIT); -errno on failure
+ *   pwriteNowait(fd, buf, offset) -> number                pwritev2(RWF_NOWAIT); -errno on failure
+ *   uringSetup(entries, results: Int32Array, onDone) -> 0 | -errno
+ *   uringSubmit(write, fd, buf, offset, id) -> 0 | -errno  queue one read or write on the io_uring
+ *   uringFlush() -> 0 | -errno                             io_uring_enter for everything queued
  *   FALLOC_FL_* constants
  *
  * fallocate and BLKDISCARD can take long on big ranges, so they run on the libuv thread
  * pool (napi async work) and return promises. lseek, statx and the size ioctls are quick and
- * synchronous. Errors carry `.code` = the errno name (ENOSPC, EOPNOTSUPP, ...) like Node's
+ * synchronous. preadNowait/pwriteNowait are synchronous too: RWF_NOWAIT makes the kernel
+ * fail with EAGAIN rather than wait for the disk, so they only ever copy to or from the page
+ * cache, which is cheaper than a trip through the thread pool. They return -errno instead of
+ * throwing because EAGAIN (and EOPNOTSUPP where the file system lacks NOWAIT) is the normal
+ * "take the slow path" answer, not an error.
+ *
+ * The io_uring (one per process) serves O_DIRECT reads and writes without the thread pool:
+ * uringSubmit queues a request; uringFlush enters the kernel once for all queued ones (the
+ * JS side calls it once per tick), which starts the device I/O and returns. Completions signal an eventfd that libuv polls; the poll callback copies every
+ * completion as an (id, result) pair into `results` and calls onDone(count) once, with
+ * results being bytes or -errno. At most `entries` requests are in flight (-EBUSY beyond),
+ * so the completion queue (twice as big) can never overflow. The poll handle holds the
+ * event loop open only while requests are in flight. Errors carry `.code` = the errno name (ENOSPC, EOPNOTSUPP, ...) like Node's
  * own fs errors, so JS maps them with the same table.
  */
 #define _GNU_SOURCE
@@ -19,6 +36,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,8 +44,17 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
+#include <linux/io_uring.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <node_api.h>
+#include <uv.h>
+
+#ifndef RWF_NOWAIT
+#define RWF_NOWAIT 0x00000008
+#endif
 
 #ifndef STATX_DIOALIGN
 #define STATX_DIOALIGN 0x00002000U
@@ -237,6 +264,245 @@ static napi_value js_block_device_sector_size(napi_env env, napi_callback_info i
   return make_number(env, size);
 }
 
+/* ---- page-cache fast path: preadv2 / pwritev2 with RWF_NOWAIT -------------------- */
+
+/* (fd, buffer, offset): the buffer's memory and length, and the integer arguments. */
+static int get_io_args(napi_env env, napi_callback_info info, int *fd, void **data, size_t *len, int64_t *offset) {
+  napi_value argv[3];
+  size_t got = 3;
+  bool is_buffer = false;
+  double dfd, doff;
+  if (napi_get_cb_info(env, info, &got, argv, NULL, NULL) != napi_ok || got < 3 ||
+      napi_is_buffer(env, argv[1], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[1], data, len) != napi_ok ||
+      napi_get_value_double(env, argv[0], &dfd) != napi_ok || napi_get_value_double(env, argv[2], &doff) != napi_ok ||
+      dfd < 0 || dfd > 2147483647.0 || dfd != (double)(int)dfd || doff < 0 || doff > 9007199254740991.0 ||
+      doff != (double)(int64_t)doff) {
+    napi_throw_type_error(env, NULL, "vdisk_native: expected (fd, Buffer, offset)");
+    return 0;
+  }
+  *fd = (int)dfd;
+  *offset = (int64_t)doff;
+  return 1;
+}
+
+static napi_value do_nowait(napi_env env, napi_callback_info info, int is_write) {
+  int fd;
+  void *data;
+  size_t len;
+  int64_t offset;
+  if (!get_io_args(env, info, &fd, &data, &len, &offset)) return NULL;
+  struct iovec iov = {data, len};
+  ssize_t r;
+  do {
+    r = is_write ? pwritev2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT) : preadv2(fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
+  } while (r < 0 && errno == EINTR);
+  return make_number(env, r < 0 ? -(int64_t)errno : (int64_t)r);
+}
+
+static napi_value js_pread_nowait(napi_env env, napi_callback_info info) {
+  return do_nowait(env, info, 0);
+}
+
+static napi_value js_pwrite_nowait(napi_env env, napi_callback_info info) {
+  return do_nowait(env, info, 1);
+}
+
+/* ---- io_uring for O_DIRECT ------------------------------------------------------------ */
+
+struct uring {
+  int ring_fd;
+  int event_fd;
+  unsigned entries;
+  unsigned in_flight; /* queued or in the kernel: completions still to come */
+  unsigned queued;    /* written to the submission queue, not yet entered */
+  unsigned *sq_tail, *sq_mask, *sq_array;
+  unsigned *cq_head, *cq_tail, *cq_mask;
+  struct io_uring_sqe *sqes;
+  struct io_uring_cqe *cqes;
+  int32_t *results; /* 2 * cq entries: (id, result) pairs for onDone */
+  unsigned results_pairs;
+  napi_env env;
+  napi_ref results_ref;
+  napi_ref callback_ref;
+  napi_async_context async_context;
+  uv_poll_t poll;
+};
+
+static struct uring *ring; /* one per process: the main thread's event loop */
+
+static void uring_poll_cb(uv_poll_t *handle, int status, int events) {
+  (void)handle;
+  (void)events;
+  struct uring *u = ring;
+  uint64_t count;
+  if (read(u->event_fd, &count, sizeof count) < 0 && errno != EAGAIN) return;
+  if (status < 0) return;
+  napi_env env = u->env;
+  napi_handle_scope scope;
+  napi_open_handle_scope(env, &scope);
+  for (;;) {
+    unsigned head = *u->cq_head;
+    unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+    unsigned n = 0;
+    while (head != tail && n < u->results_pairs) {
+      struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+      u->results[2 * n] = (int32_t)cqe->user_data;
+      u->results[2 * n + 1] = cqe->res;
+      n++;
+      head++;
+    }
+    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    if (n == 0) break;
+    u->in_flight -= n;
+    if (u->in_flight == 0) uv_unref((uv_handle_t *)&u->poll);
+    napi_value cb, recv, arg, result;
+    napi_get_reference_value(env, u->callback_ref, &cb);
+    napi_get_global(env, &recv); /* napi_make_callback wants an object */
+    napi_create_uint32(env, n, &arg);
+    napi_status st = napi_make_callback(env, u->async_context, recv, cb, 1, &arg, &result);
+    if (st == napi_pending_exception) {
+      napi_value err;
+      napi_get_and_clear_last_exception(env, &err);
+      napi_fatal_exception(env, err);
+      break;
+    }
+    /* Completions that cannot be delivered would leave their requests hanging forever. */
+    if (st != napi_ok) napi_fatal_error("vdisk_native", NAPI_AUTO_LENGTH, "io_uring completion callback failed", NAPI_AUTO_LENGTH);
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+static void uring_cleanup(void *arg) {
+  (void)arg;
+  if (!ring) return;
+  uv_poll_stop(&ring->poll);
+  uv_close((uv_handle_t *)&ring->poll, NULL); /* the struct is never freed: the process ends */
+  close(ring->event_fd);
+  close(ring->ring_fd);
+}
+
+static napi_value js_uring_setup(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  uint32_t entries;
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  napi_valuetype cbtype;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 ||
+      napi_get_value_uint32(env, argv[0], &entries) != napi_ok ||
+      napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL) != napi_ok || type != napi_int32_array ||
+      napi_typeof(env, argv[2], &cbtype) != napi_ok || cbtype != napi_function || entries == 0 || entries > 4096) {
+    napi_throw_type_error(env, NULL, "vdisk_native: expected (entries, Int32Array, function)");
+    return NULL;
+  }
+  if (ring) return make_number(env, -EEXIST);
+  struct io_uring_params p;
+  memset(&p, 0, sizeof p);
+  p.flags = IORING_SETUP_CQSIZE;
+  p.cq_entries = 2 * entries;
+  int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (fd < 0) return make_number(env, -errno);
+  size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+  size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+  if (single && cq_size > sq_size) sq_size = cq_size;
+  char *sq = mmap(NULL, sq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+  char *cq = single ? sq : mmap(NULL, cq_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+  void *sqes = mmap(NULL, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                    IORING_OFF_SQES);
+  int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  int err = 0;
+  if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED || efd < 0) err = errno;
+  else if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0) err = errno;
+  struct uring *u = err ? NULL : calloc(1, sizeof *u);
+  if (!err && !u) err = ENOMEM;
+  uv_loop_t *loop = NULL;
+  if (!err && (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &u->poll, efd) != 0)) err = EINVAL;
+  if (err) {
+    /* Nothing was handed out yet: undo and report; the caller uses the thread pool. */
+    free(u);
+    if (efd >= 0) close(efd);
+    close(fd); /* also drops the mappings' hold on the ring */
+    return make_number(env, -err);
+  }
+  u->ring_fd = fd;
+  u->event_fd = efd;
+  u->entries = p.sq_entries;
+  u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+  u->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+  u->sq_array = (unsigned *)(sq + p.sq_off.array);
+  u->cq_head = (unsigned *)(cq + p.cq_off.head);
+  u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+  u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+  u->sqes = sqes;
+  u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+  u->results = data;
+  u->results_pairs = (unsigned)(length / 2);
+  u->env = env;
+  napi_value name;
+  napi_create_string_utf8(env, "vdisk:uring", NAPI_AUTO_LENGTH, &name);
+  CHECK(napi_create_reference(env, argv[1], 1, &u->results_ref));
+  CHECK(napi_create_reference(env, argv[2], 1, &u->callback_ref));
+  CHECK(napi_async_init(env, NULL, name, &u->async_context));
+  ring = u;
+  uv_poll_start(&u->poll, UV_READABLE, uring_poll_cb);
+  uv_unref((uv_handle_t *)&u->poll);
+  napi_add_env_cleanup_hook(env, uring_cleanup, NULL);
+  return make_number(env, u->entries);
+}
+
+static napi_value js_uring_submit(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  bool is_write, is_buffer = false;
+  double dfd, doff, did;
+  void *data;
+  size_t len;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5 ||
+      napi_get_value_bool(env, argv[0], &is_write) != napi_ok || napi_get_value_double(env, argv[1], &dfd) != napi_ok ||
+      napi_is_buffer(env, argv[2], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[2], &data, &len) != napi_ok || napi_get_value_double(env, argv[3], &doff) != napi_ok ||
+      napi_get_value_double(env, argv[4], &did) != napi_ok || dfd < 0 || dfd > 2147483647.0 || doff < 0 ||
+      doff > 9007199254740991.0 || did < 0 || did > 2147483647.0 || len > 0x7ffff000) {
+    napi_throw_type_error(env, NULL, "vdisk_native: expected (write, fd, Buffer, offset, id)");
+    return NULL;
+  }
+  struct uring *u = ring;
+  if (!u) return make_number(env, -ENXIO);
+  if (u->in_flight >= u->entries) return make_number(env, -EBUSY);
+  unsigned tail = *u->sq_tail;
+  unsigned idx = tail & *u->sq_mask;
+  struct io_uring_sqe *sqe = &u->sqes[idx];
+  memset(sqe, 0, sizeof *sqe);
+  sqe->opcode = is_write ? IORING_OP_WRITE : IORING_OP_READ;
+  sqe->fd = (int)dfd;
+  sqe->addr = (uint64_t)(uintptr_t)data;
+  sqe->len = (uint32_t)len;
+  sqe->off = (uint64_t)doff;
+  sqe->user_data = (uint64_t)did;
+  u->sq_array[idx] = idx;
+  __atomic_store_n(u->sq_tail, tail + 1, __ATOMIC_RELEASE);
+  u->queued++;
+  if (u->in_flight++ == 0) uv_ref((uv_handle_t *)&u->poll);
+  return make_number(env, 0);
+}
+
+/* Hands every queued request to the kernel with one io_uring_enter: 0, or -errno (the
+ * requests stay queued and the next uringFlush tries again). */
+static napi_value js_uring_flush(napi_env env, napi_callback_info info) {
+  (void)info;
+  struct uring *u = ring;
+  while (u && u->queued > 0) {
+    long r = syscall(__NR_io_uring_enter, u->ring_fd, u->queued, 0, 0, NULL, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return make_number(env, r < 0 ? -errno : -EAGAIN);
+    u->queued -= (unsigned)r;
+  }
+  return make_number(env, 0);
+}
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
@@ -253,6 +519,12 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "blockDeviceSize", js_block_device_size);
   export_fn(env, exports, "blockDeviceSectorSize", js_block_device_sector_size);
   export_fn(env, exports, "blkdiscard", js_blkdiscard);
+  export_fn(env, exports, "preadNowait", js_pread_nowait);
+  export_fn(env, exports, "pwriteNowait", js_pwrite_nowait);
+  export_fn(env, exports, "uringSetup", js_uring_setup);
+  export_fn(env, exports, "uringSubmit", js_uring_submit);
+  export_fn(env, exports, "uringFlush", js_uring_flush);
+  napi_set_named_property(env, exports, "EAGAIN", make_number(env, EAGAIN));
   napi_set_named_property(env, exports, "FALLOC_FL_KEEP_SIZE", make_number(env, FALLOC_FL_KEEP_SIZE));
   napi_set_named_property(env, exports, "FALLOC_FL_PUNCH_HOLE", make_number(env, FALLOC_FL_PUNCH_HOLE));
   napi_set_named_property(env, exports, "FALLOC_FL_ZERO_RANGE", make_number(env, FALLOC_FL_ZERO_RANGE));

@@ -95,7 +95,9 @@ const fd = fs.openSync(${JSON.stringify(addon)}, 'r');
 console.log(JSON.stringify({ fns: Object.keys(n).sort(), data: n.seekData(fd, 0), pastEnd: n.seekData(fd, 1e12), punch: n.FALLOC_FL_PUNCH_HOLE }));`]);
     assert.equal(probe.status, 0, probe.stderr);
     assert.deepEqual(JSON.parse(probe.stdout), {
-      fns: ['FALLOC_FL_KEEP_SIZE', 'FALLOC_FL_PUNCH_HOLE', 'FALLOC_FL_ZERO_RANGE', 'blkdiscard', 'blockDeviceSectorSize', 'blockDeviceSize', 'dioAlignment', 'fallocate', 'seekData', 'seekHole'],
+      fns: ['EAGAIN', 'FALLOC_FL_KEEP_SIZE', 'FALLOC_FL_PUNCH_HOLE', 'FALLOC_FL_ZERO_RANGE', 'blkdiscard', 'blockDeviceSectorSize',
+        'blockDeviceSize', 'dioAlignment', 'fallocate', 'preadNowait', 'pwriteNowait', 'seekData', 'seekHole', 'uringFlush',
+        'uringSetup', 'uringSubmit'],
       data: 0, pastEnd: -1, punch: 2,
     });
   } finally {
