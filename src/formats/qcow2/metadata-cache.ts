@@ -12,11 +12,15 @@ interface Entry {
   buf: Buffer;
   dirty: boolean;
   pins: number;
+  /** Last use (QEMU's lru_counter): eviction takes the unpinned entry with the smallest. */
+  lru: number;
+  /** Set while the table is being read from the file. */
+  loading: Promise<void> | null;
 }
 
 export class MetadataCache {
-  /** Insertion order is LRU order: a hit moves the entry to the end. */
   private readonly entries = new Map<number, Entry>();
+  private clock = 0;
   private dependsOn: MetadataCache | null = null;
   private dependsOnFlush = false;
 
@@ -52,29 +56,47 @@ export class MetadataCache {
     this.dependsOnFlush = false;
   }
 
+  /**
+   * The table at `offset` if it is cached and loaded, else null; not pinned, so the caller
+   * must be done with it before its next await (the lock-free read mapping).
+   */
+  peek(offset: number): Buffer | null {
+    const hit = this.entries.get(offset);
+    if (!hit || hit.loading) return null;
+    hit.lru = ++this.clock;
+    return hit.buf;
+  }
+
   /** Get the table at `offset`, reading it if needed. Pin it until release(). */
   async get(offset: number): Promise<Buffer> {
     const hit = this.entries.get(offset);
     if (hit) {
-      this.entries.delete(offset);
-      this.entries.set(offset, hit);
+      hit.lru = ++this.clock;
       hit.pins++;
+      if (hit.loading) {
+        try {
+          await hit.loading;
+        } catch (err) {
+          hit.pins--;
+          throw err;
+        }
+      }
       return hit.buf;
     }
     await this.makeRoom();
     const again = this.entries.get(offset); // someone else may have loaded it meanwhile
-    if (again) {
-      again.pins++;
-      return again.buf;
-    }
+    if (again) return this.get(offset);
     const buf = Buffer.alloc(this.tableSize);
-    const e: Entry = { offset, buf, dirty: false, pins: 1 };
+    const e: Entry = { offset, buf, dirty: false, pins: 1, lru: ++this.clock, loading: null };
+    e.loading = this.file.pread(offset, buf);
     this.entries.set(offset, e);
     try {
-      await this.file.pread(offset, buf);
+      await e.loading;
     } catch (err) {
       this.entries.delete(offset);
       throw err;
+    } finally {
+      e.loading = null;
     }
     return buf;
   }
@@ -82,14 +104,16 @@ export class MetadataCache {
   /** A new, zeroed table at `offset` (just allocated: nothing to read). Pinned and dirty. */
   async getEmpty(offset: number): Promise<Buffer> {
     const old = this.entries.get(offset);
-    if (old) {
+    if (old && !old.loading) {
       old.buf.fill(0);
       old.dirty = true;
       old.pins++;
+      old.lru = ++this.clock;
       return old.buf;
     }
+    if (old) this.entries.delete(offset); // a stale read of a freed table: forget it
     await this.makeRoom();
-    const e: Entry = { offset, buf: Buffer.alloc(this.tableSize), dirty: true, pins: 1 };
+    const e: Entry = { offset, buf: Buffer.alloc(this.tableSize), dirty: true, pins: 1, lru: ++this.clock, loading: null };
     this.entries.set(offset, e);
     return e.buf;
   }
@@ -126,10 +150,7 @@ export class MetadataCache {
     while (this.entries.size >= this.capacity) {
       let victim: Entry | null = null;
       for (const e of this.entries.values()) {
-        if (e.pins === 0) {
-          victim = e;
-          break;
-        }
+        if (e.pins === 0 && !e.loading && (!victim || e.lru < victim.lru)) victim = e;
       }
       if (!victim) return; // everything pinned: grow past capacity for a moment
       if (victim.dirty) {

@@ -2,8 +2,11 @@
 //
 // Locking: one metadata lock (QEMU's s->lock). Reads map guest ranges to host ranges under
 // it and do the data I/O outside it. Writes to clusters owned by the active layer alone
-// (COPIED) also write data outside it; writes that allocate hold it through the data write,
-// so no two requests can allocate or COW the same cluster.
+// (COPIED) also write data outside it. Writes that allocate reserve host clusters and
+// register the guest clusters as in flight under the lock, write data (+COW) outside it,
+// then link the L2 entries under it (QEMU's QCowL2Meta): a later write, zero, discard or
+// compressed write touching a guest cluster in flight waits for it, so no two requests can
+// allocate or COW the same cluster.
 //
 // Write ordering (crash consistency):
 //   data (+COW)        before the L2 entry pointing to it (L2 cache depends on a flush after COW)
@@ -32,6 +35,29 @@ import { compressCluster, decompressCluster } from './compress.js';
 import { repairRefcounts } from './repair.js';
 
 /** A mapped piece of a guest range. `host` is the host byte offset matching `offset`. */
+/** Guest clusters [first, end) whose new host clusters are being written (QEMU's QCowL2Meta). */
+interface InflightAlloc {
+  first: number;
+  end: number;
+  done: Promise<void>;
+  resolve: () => void;
+}
+
+/** A reserved allocation: guest clusters first.. (olds.length of them) at host `host`; data up to guest byte `end`. */
+interface AllocStep {
+  kind: 'alloc';
+  l1i: number;
+  first: number;
+  host: number;
+  /** The host clusters read as zeros already. */
+  fresh: boolean;
+  olds: L2Info[];
+  end: number;
+  entry: InflightAlloc;
+}
+
+type WriteStep = { kind: 'wait'; until: Promise<void> } | { kind: 'inplace'; host: number; end: number } | AllocStep;
+
 interface Segment {
   offset: number;
   length: number;
@@ -64,6 +90,8 @@ export class Qcow2Driver implements BlockDriver {
   /** Partially used cluster for packing compressed data (QEMU's free_byte_offset). */
   private compressedFreeByte = 0;
   private closed = false;
+  /** Allocations whose data is being written outside the lock (QEMU's s->cluster_allocs). */
+  private readonly inflight = new Set<InflightAlloc>();
 
   constructor(
     private readonly file: BlockNode,
@@ -185,6 +213,37 @@ export class Qcow2Driver implements BlockDriver {
   // ---- reads ------------------------------------------------------------------------------
 
   async pread(offset: number, buf: Buffer): Promise<void> {
+    // Fast path: the range lies in one L2 table that is cached, and maps to one kind of
+    // cluster (one host run). Mapping is synchronous, so it needs no lock: every metadata
+    // change is made whole between two awaits (as QEMU's qcow2_get_host_offset under s->lock).
+    const l1i = Math.floor(offset / this.l2Span);
+    const end = offset + buf.length;
+    if (end <= (l1i + 1) * this.l2Span) {
+      const l2Off = this.dec.l1Offset(entryHi(this.l1, l1i), entryLo(this.l1, l1i), l1i);
+      if (l2Off === 0) return this.readBacking(offset, buf);
+      const l2 = this.l2Cache.peek(l2Off);
+      if (l2) {
+        const cs = this.clusterSize;
+        const ci = Math.floor(offset / cs);
+        const idx = ci % this.l2Entries;
+        const hi = entryHi(l2, idx);
+        const lo = entryLo(l2, idx);
+        const e = this.dec.decode(hi, lo, ci * cs);
+        if (e.kind === KIND_NORMAL) {
+          let runEnd = (ci + 1) * cs;
+          let next = e.host + cs;
+          for (let j = idx + 1; runEnd < end; j++, runEnd += cs, next += cs) {
+            const f = this.dec.decode(entryHi(l2, j), entryLo(l2, j), runEnd);
+            if (f.kind !== KIND_NORMAL || f.host !== next) break;
+          }
+          if (runEnd >= end) return this.file.pread(e.host + (offset - ci * cs), buf);
+        } else if (e.kind !== KIND_COMPRESSED && (ci + 1) * cs >= end) {
+          if (e.kind === KIND_UNALLOCATED) return this.readBacking(offset, buf);
+          buf.fill(0);
+          return;
+        }
+      }
+    }
     const segs = await this.lock.run(() => this.mapRange(offset, buf.length));
     await Promise.all(segs.map((s) => this.readSegment(s, buf.subarray(s.offset - offset, s.offset - offset + s.length))));
   }
@@ -300,10 +359,190 @@ export class Qcow2Driver implements BlockDriver {
       (await this.allCopied(offset, buf.length)) ? this.mapRange(offset, buf.length) : null);
     if (segs && segs.every((s) => s.kind === KIND_NORMAL)) {
       for (const s of segs) await this.checkOverlap(s.host, s.length);
+      if (segs.length === 1) return this.file.pwrite(segs[0].host, buf);
       await Promise.all(segs.map((s) => this.file.pwrite(s.host, buf.subarray(s.offset - offset, s.offset - offset + s.length))));
       return;
     }
-    await this.lock.run(() => this.writeLocked(offset, buf));
+    await this.writeSlow(offset, buf);
+  }
+
+  /**
+   * Writes that allocate (QEMU's qcow2_co_pwritev_task): piece by piece, under the lock decide
+   * and reserve (allocate host clusters, register the guest clusters as in flight), write the
+   * data (and COW) outside the lock, then link the L2 entries under the lock. Later writers
+   * to a guest cluster in flight wait for it (QEMU's handle_dependencies).
+   */
+  private async writeSlow(offset: number, buf: Buffer): Promise<void> {
+    const end = offset + buf.length;
+    let pos = offset;
+    while (pos < end) {
+      const step = await this.lock.run(() => this.prepareWrite(pos, end));
+      if (step.kind === 'wait') {
+        await step.until;
+        continue;
+      }
+      if (step.kind === 'inplace') {
+        await this.file.pwrite(step.host, buf.subarray(pos - offset, step.end - offset));
+        pos = step.end;
+        continue;
+      }
+      await this.writeAllocated(step, pos, buf.subarray(pos - offset, step.end - offset));
+      pos = step.end;
+    }
+  }
+
+  /** The first in-flight allocation overlapping guest clusters [first, end), if any. */
+  private inflightOverlap(first: number, end: number): InflightAlloc | null {
+    for (const a of this.inflight) if (a.first < end && first < a.end) return a;
+    return null;
+  }
+
+  /**
+   * Run `fn` under the lock once no allocation in flight overlaps guest bytes [a, b)
+   * (for the operations that change L2 entries without going through prepareWrite).
+   */
+  private async lockedExclusive<T>(a: number, b: number, fn: () => Promise<T>): Promise<T> {
+    const first = Math.floor(a / this.clusterSize);
+    const end = Math.ceil(b / this.clusterSize);
+    for (;;) {
+      let wait: Promise<void> | null = null;
+      const r = await this.lock.run(async () => {
+        const f = this.inflightOverlap(first, end);
+        if (f) {
+          wait = f.done;
+          return null;
+        }
+        return { value: await fn() };
+      });
+      if (r) return r.value;
+      await wait;
+    }
+  }
+
+  /** Plan the next piece of a write starting at `pos` (lock held). */
+  private async prepareWrite(pos: number, end: number): Promise<WriteStep> {
+    const cs = this.clusterSize;
+    const ci = Math.floor(pos / cs);
+    const blocked = this.inflightOverlap(ci, ci + 1);
+    if (blocked) return { kind: 'wait', until: blocked.done };
+    const l1i = Math.floor(pos / this.l2Span);
+    const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
+    const l2Off = await this.getL2ForWrite(l1i);
+    const l2 = await this.l2Cache.get(l2Off);
+    try {
+      const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * cs);
+      if (e.kind === KIND_NORMAL && e.copied) {
+        // In place: extend over following owned clusters with contiguous host offsets.
+        let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+        let nextHost = e.host + cs;
+        while (runEnd < tableEnd) {
+          const cj = runEnd / cs;
+          const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+          if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
+          runEnd = Math.min(tableEnd, runEnd + cs);
+          nextHost += cs;
+        }
+        const host = e.host + (pos - ci * cs);
+        await this.checkOverlap(host, runEnd - pos);
+        return { kind: 'inplace', host, end: runEnd };
+      }
+      // Allocate: a run of clusters that all need new host clusters, up to the next one in flight.
+      let limit = Infinity;
+      for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
+      const olds: L2Info[] = [e];
+      let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+      while (runEnd < tableEnd) {
+        const cj = runEnd / cs;
+        if (cj >= limit) break;
+        const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+        if (f.kind === KIND_NORMAL && f.copied) break;
+        olds.push(f);
+        runEnd = Math.min(tableEnd, runEnd + cs);
+      }
+      await this.markDirty();
+      const k = olds.length;
+      const { offset: host, fresh } = await this.refcounts.allocRun(k, true);
+      let resolve!: () => void;
+      const done = new Promise<void>((r) => (resolve = r));
+      const entry: InflightAlloc = { first: ci, end: ci + k, done, resolve };
+      this.inflight.add(entry);
+      return { kind: 'alloc', l1i, first: ci, host, fresh, olds, end: runEnd, entry };
+    } finally {
+      this.l2Cache.release(l2Off);
+    }
+  }
+
+  /** Entries whose old contents read as zeros (no COW read needed). */
+  private readsZero(e: L2Info): boolean {
+    return e.kind === KIND_ZERO_PLAIN || e.kind === KIND_ZERO_ALLOC || (e.kind === KIND_UNALLOCATED && !this.children.backing);
+  }
+
+  /** Data (and COW) of a reserved allocation, outside the lock; then link it (or give it back). */
+  private async writeAllocated(step: AllocStep, pos: number, data: Buffer): Promise<void> {
+    const cs = this.clusterSize;
+    const k = step.olds.length;
+    const runStart = step.first * cs;
+    const head = pos - runStart;
+    const tail = runStart + k * cs - step.end;
+    let cow = false;
+    try {
+      if (head === 0 && tail === 0) {
+        await this.file.pwrite(step.host, data);
+      } else if (step.fresh && (head === 0 || this.readsZero(step.olds[0])) && (tail === 0 || this.readsZero(step.olds[k - 1]))) {
+        // Fresh host clusters already read as zeros: write only the guest's bytes.
+        await this.file.pwrite(step.host + head, data);
+      } else {
+        const whole = Buffer.allocUnsafe(k * cs);
+        await this.readOld(step.olds[0], runStart, whole.subarray(0, head));
+        data.copy(whole, head);
+        await this.readOld(step.olds[k - 1], step.end, whole.subarray(whole.length - tail));
+        await this.file.pwrite(step.host, whole);
+        cow = true;
+      }
+    } catch (err) {
+      await this.lock.run(async () => {
+        try {
+          await this.refcounts.update(step.host / cs, k, -1);
+        } finally {
+          this.inflight.delete(step.entry);
+          step.entry.resolve();
+        }
+      }).catch(() => {});
+      throw err;
+    }
+    await this.lock.run(async () => {
+      try {
+        await this.linkAllocation(step, cow);
+      } finally {
+        this.inflight.delete(step.entry);
+        step.entry.resolve();
+      }
+    });
+  }
+
+  /** Point the L2 entries at the newly written clusters, then drop the old references (lock held). */
+  private async linkAllocation(step: AllocStep, cow: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    const k = step.olds.length;
+    const l2Off = await this.getL2ForWrite(step.l1i);
+    const l2 = await this.l2Cache.get(l2Off);
+    const olds: L2Info[] = [];
+    try {
+      // The COW'd bytes were stable before; the L2 entry must not get ahead of them.
+      if (cow) this.l2Cache.setDependsOnFlush();
+      await this.linkDependency();
+      for (let j = 0; j < k; j++) {
+        const idx = (step.first + j) % this.l2Entries;
+        // Re-read: the entry as it is now is what this write replaces.
+        olds.push(this.dec.decode(entryHi(l2, idx), entryLo(l2, idx), (step.first + j) * cs));
+        const [hi, lo] = makeEntry(step.host + j * cs, true);
+        setEntry(l2, idx, hi, lo);
+      }
+      this.l2Cache.markDirty(l2Off);
+    } finally {
+      this.l2Cache.release(l2Off);
+    }
+    for (const o of olds) await this.freeOld(o, false);
   }
 
   /** True when every cluster of the range is a normal cluster with COPIED set (lock held). */
@@ -392,79 +631,6 @@ export class Qcow2Driver implements BlockDriver {
     if (!this.lazy) await this.l2Cache.setDependency(this.refcounts.cache);
   }
 
-  /** Allocating write (caller holds the lock). */
-  private async writeLocked(offset: number, buf: Buffer): Promise<void> {
-    const end = offset + buf.length;
-    let pos = offset;
-    while (pos < end) {
-      const l1i = Math.floor(pos / this.l2Span);
-      const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
-      const l2Off = await this.getL2ForWrite(l1i);
-      const l2 = await this.l2Cache.get(l2Off);
-      try {
-        while (pos < tableEnd) {
-          const ci = Math.floor(pos / this.clusterSize);
-          const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * this.clusterSize);
-          if (e.kind === KIND_NORMAL && e.copied) {
-            // In place: extend over following owned clusters with contiguous host offsets.
-            let runEnd = Math.min(tableEnd, (ci + 1) * this.clusterSize);
-            let nextHost = e.host + this.clusterSize;
-            while (runEnd < tableEnd) {
-              const cj = runEnd / this.clusterSize;
-              const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-              if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
-              runEnd = Math.min(tableEnd, runEnd + this.clusterSize);
-              nextHost += this.clusterSize;
-            }
-            const host = e.host + (pos - ci * this.clusterSize);
-            await this.checkOverlap(host, runEnd - pos);
-            await this.file.pwrite(host, buf.subarray(pos - offset, runEnd - offset));
-            pos = runEnd;
-            continue;
-          }
-          // Allocate: a run of clusters that all need new host clusters.
-          const olds: L2Info[] = [e];
-          let runEnd = Math.min(tableEnd, (ci + 1) * this.clusterSize);
-          while (runEnd < tableEnd) {
-            const cj = runEnd / this.clusterSize;
-            const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-            if (f.kind === KIND_NORMAL && f.copied) break;
-            olds.push(f);
-            runEnd = Math.min(tableEnd, runEnd + this.clusterSize);
-          }
-          await this.markDirty();
-          const k = olds.length;
-          const host = await this.refcounts.alloc(k);
-          const runStart = ci * this.clusterSize;
-          const runClusterEnd = runStart + k * this.clusterSize;
-          const head = pos - runStart;
-          const tail = runClusterEnd - runEnd;
-          if (head === 0 && tail === 0) {
-            await this.file.pwrite(host, buf.subarray(pos - offset, runEnd - offset));
-          } else {
-            const data = Buffer.allocUnsafe(k * this.clusterSize);
-            await this.readOld(olds[0], runStart, data.subarray(0, head));
-            buf.copy(data, head, pos - offset, runEnd - offset);
-            await this.readOld(olds[k - 1], runEnd, data.subarray(data.length - tail));
-            await this.file.pwrite(host, data);
-            // The COW'd bytes were stable before; the L2 entry must not get ahead of them.
-            this.l2Cache.setDependsOnFlush();
-          }
-          await this.linkDependency();
-          for (let j = 0; j < k; j++) {
-            const [hi, lo] = makeEntry(host + j * this.clusterSize, true);
-            setEntry(l2, (ci + j) % this.l2Entries, hi, lo);
-          }
-          this.l2Cache.markDirty(l2Off);
-          for (const o of olds) await this.freeOld(o, false);
-          pos = runEnd;
-        }
-      } finally {
-        this.l2Cache.release(l2Off);
-      }
-    }
-  }
-
   /** REQ_WRITE_COMPRESSED: whole clusters only; stored compressed when that is smaller. */
   private async writeCompressed(offset: number, buf: Buffer): Promise<void> {
     const cs = this.clusterSize;
@@ -476,10 +642,10 @@ export class Qcow2Driver implements BlockDriver {
       if (cluster.length < cs) cluster = Buffer.concat([cluster, Buffer.alloc(cs - cluster.length)]);
       const packed = await compressCluster(cluster, this.h.compressionType, this.filename);
       if (!packed) {
-        await this.lock.run(() => this.writeLocked(offset + pos, buf.subarray(pos, Math.min(buf.length, pos + cs))));
+        await this.writeSlow(offset + pos, buf.subarray(pos, Math.min(buf.length, pos + cs)));
         continue;
       }
-      await this.lock.run(() => this.storeCompressed(offset + pos, packed));
+      await this.lockedExclusive(offset + pos, offset + pos + cs, () => this.storeCompressed(offset + pos, packed));
     }
   }
 
@@ -531,7 +697,7 @@ export class Qcow2Driver implements BlockDriver {
       return;
     }
     if (offset < a) await this.pwrite(offset, Buffer.alloc(a - offset), 0);
-    await this.lock.run(() => this.zeroClusters(a, b, (flags & REQ_MAY_UNMAP) !== 0, 'zero'));
+    await this.lockedExclusive(a, b, () => this.zeroClusters(a, b, (flags & REQ_MAY_UNMAP) !== 0, 'zero'));
     if (b < end) await this.pwrite(b, Buffer.alloc(end - b), 0);
   }
 
@@ -542,7 +708,7 @@ export class Qcow2Driver implements BlockDriver {
     const a = Math.ceil(offset / cs) * cs;
     const b = end === this.h.size ? end : Math.floor(end / cs) * cs;
     if (a >= b) return; // partial clusters are left alone (discard is advisory)
-    await this.lock.run(() => this.zeroClusters(a, b, true, 'discard'));
+    await this.lockedExclusive(a, b, () => this.zeroClusters(a, b, true, 'discard'));
   }
 
   /**
@@ -649,6 +815,8 @@ export class Qcow2Driver implements BlockDriver {
         await this.file.flush();
         this.markedDirty = false;
       }
+      // The file grew ahead of allocations; cut the unused tail (no ordering needed: unreferenced).
+      await this.refcounts.trimTail();
     });
   }
 
@@ -687,7 +855,7 @@ export class Qcow2Driver implements BlockDriver {
 
   async makeEmpty(): Promise<void> {
     this.checkWritable();
-    await this.lock.run(() => this.zeroClusters(0, this.h.size, true, 'full'));
+    await this.lockedExclusive(0, this.h.size, () => this.zeroClusters(0, this.h.size, true, 'full'));
     await this.flushToOs();
   }
 
@@ -698,7 +866,7 @@ export class Qcow2Driver implements BlockDriver {
     if (length < old) {
       if (prealloc !== 'off') throw unsupported(`${this.filename}: preallocation is not supported when shrinking`);
       if (this.snapshots.length > 0) throw unsupported(`${this.filename}: cannot shrink an image with internal snapshots`);
-      await this.lock.run(async () => {
+      await this.lockedExclusive(0, old, async () => {
         const a = Math.ceil(length / this.clusterSize) * this.clusterSize;
         if (a < old) await this.zeroClusters(a, old, true, 'full');
         await this.l2Cache.flush();
@@ -762,7 +930,7 @@ export class Qcow2Driver implements BlockDriver {
     while (pos < end) {
       const l1i = Math.floor(pos / this.l2Span);
       const tableEnd = Math.min(Math.ceil(end / cs) * cs, (l1i + 1) * this.l2Span);
-      await this.lock.run(async () => {
+      await this.lockedExclusive(pos, tableEnd, async () => {
         const l2Off = await this.getL2ForWrite(l1i);
         const l2 = await this.l2Cache.get(l2Off);
         try {

@@ -41,6 +41,10 @@ export function setRefcountEntry(block: Buffer, order: number, i: number, v: num
   }
 }
 
+/** Speculative growth of the file ahead of data allocations: an eighth, within these bounds. */
+const GROW_STEP_MIN = 1 << 20;
+const GROW_STEP_MAX = 32 << 20;
+
 export interface RefcountState {
   tableOffset: number;
   tableClusters: number;
@@ -58,6 +62,17 @@ export class Refcounts {
   packCluster = -1;
   /** Called with the (offset, clusters) of each metadata cluster added or removed. */
   onMetadataChange: (offset: number, added: boolean) => void = () => {};
+  /** File length at open. */
+  private readonly openLength: number;
+  /** End of everything in use: the file at open, and every allocation since (bytes). */
+  private usedEnd: number;
+  /**
+   * Host clusters at or past this offset have never been written since open and lie past
+   * the file's end at open: they read as zeros (a fresh allocation there needs no COW of zeros).
+   */
+  private knownZeroFrom: number;
+  /** Grow the file ahead of data allocations (off for files that cannot be truncated cheaply). */
+  growAhead = true;
 
   constructor(
     private readonly file: BlockNode,
@@ -72,6 +87,9 @@ export class Refcounts {
     this.entriesPerBlock = 2 ** (clusterBits + 3 - order);
     this.maxRefcount = order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
     this.table = table;
+    this.openLength = file.getLength();
+    this.usedEnd = this.openLength;
+    this.knownZeroFrom = Math.ceil(this.openLength / this.clusterSize) * this.clusterSize;
   }
 
   get tableEntries(): number {
@@ -104,32 +122,69 @@ export class Refcounts {
     }
   }
 
-  /** Grow the file so that [0, end) exists (allocations may land past EOF). */
-  async ensureFileSize(end: number): Promise<void> {
-    if (this.file.getLength() < end) await this.file.truncate(end, 'off');
+  /**
+   * Grow the file so that [0, end) exists (allocations may land past EOF). BlockNode never
+   * lets a write pass the end of the file, so allocations grow it first; data allocations
+   * (`ahead`) grow it by an extra step (an eighth, within GROW_STEP_MIN..GROW_STEP_MAX) so that a run of
+   * small allocations does not cost one truncate each. The speculative tail is unreferenced
+   * zeros (no leak for qemu-img check) and is cut off again on a clean close (trimTail).
+   */
+  async ensureFileSize(end: number, ahead = false): Promise<void> {
+    if (end > this.usedEnd) this.usedEnd = end;
+    const len = this.file.getLength();
+    if (len >= end) return;
+    let target = end;
+    if (ahead && this.growAhead) {
+      const step = Math.min(GROW_STEP_MAX, Math.max(this.clusterSize, GROW_STEP_MIN, Math.floor(end / 8)));
+      target = Math.ceil((end + step) / this.clusterSize) * this.clusterSize;
+    }
+    await this.file.truncate(target, 'off');
   }
 
-  /** First run of `n` free clusters at or after the hint (refcount 0). */
+  /** Clean close: drop the speculative tail that ensureFileSize added past the last allocation. */
+  async trimTail(): Promise<void> {
+    if (this.file.getLength() > this.usedEnd && this.usedEnd >= this.openLength) {
+      await this.file.truncate(this.usedEnd, 'off');
+    }
+  }
+
+  /**
+   * First run of `n` free clusters at or after the hint (refcount 0). Like QEMU's
+   * alloc_clusters_noref, the hint then moves past everything scanned (a free run shorter
+   * than `n` that was skipped is found again only after something below the hint is freed).
+   * Each refcount block is pinned once per run of lookups in it, not once per cluster.
+   */
   private async findFree(n: number): Promise<number> {
     let start = this.freeClusterIndex;
     let run = 0;
-    for (;;) {
+    while (run < n) {
       const c = start + run;
-      // Clusters past the end of every existing refcount block are free: jump.
       const ti = Math.floor(c / this.entriesPerBlock);
-      if (ti >= this.tableEntries || this.blockOffset(ti) === 0) {
-        run++;
-      } else if ((await this.get(c)) === 0) {
-        run++;
+      const off = this.blockOffset(ti);
+      const blockEnd = (ti + 1) * this.entriesPerBlock;
+      if (off === 0) {
+        // Clusters past the end of every existing refcount block are free: jump.
+        run = Math.min(n, blockEnd - start);
       } else {
-        start = c + 1;
-        run = 0;
+        const block = await this.cache.get(off);
+        try {
+          for (let k = c; k < blockEnd && run < n; k++) {
+            if (getRefcountEntry(block, this.order, k - ti * this.entriesPerBlock) === 0) {
+              run++;
+            } else {
+              start = k + 1;
+              run = 0;
+            }
+          }
+        } finally {
+          this.cache.release(off);
+        }
       }
-      if (run === n) return start;
       if ((start + run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) {
         throw new VdiskError('ENOSPC', 'io', `${this.filename}: no free cluster range of ${n} clusters below 2^53`);
       }
     }
+    return start;
   }
 
   /**
@@ -137,15 +192,27 @@ export class Refcounts {
    * grown to cover them. The refcount updates are in the cache (dirty).
    */
   async alloc(n: number): Promise<number> {
+    return (await this.allocRun(n, false)).offset;
+  }
+
+  /**
+   * alloc() that also says whether the clusters are known to read as zeros (`fresh`: never
+   * used since open, past the file's end at open). `data`: grow the file ahead (guest data).
+   */
+  async allocRun(n: number, data: boolean): Promise<{ offset: number; fresh: boolean }> {
     for (;;) {
       const start = await this.findFree(n);
       // Refcount blocks for the range must exist; creating one takes a cluster, maybe inside
       // our range, so search again after (QEMU's -EAGAIN dance).
       if (await this.ensureBlocks(start, n)) continue;
       await this.update(start, n, 1);
-      if (this.freeClusterIndex === start) this.freeClusterIndex = start + n;
-      await this.ensureFileSize((start + n) * this.clusterSize);
-      return start * this.clusterSize;
+      if (this.freeClusterIndex <= start) this.freeClusterIndex = start + n;
+      const offset = start * this.clusterSize;
+      const end = offset + n * this.clusterSize;
+      const fresh = offset >= this.knownZeroFrom;
+      if (end > this.knownZeroFrom) this.knownZeroFrom = end;
+      await this.ensureFileSize(end, data);
+      return { offset, fresh };
     }
   }
 
@@ -177,6 +244,7 @@ export class Refcounts {
       await this.update(c, 1, 1);
     }
     const off = c * this.clusterSize;
+    if (off + this.clusterSize > this.knownZeroFrom) this.knownZeroFrom = off + this.clusterSize;
     await this.ensureFileSize(off + this.clusterSize);
     const block = await this.cache.getEmpty(off);
     if (own) setRefcountEntry(block, this.order, c % this.entriesPerBlock, 1);
@@ -189,7 +257,7 @@ export class Refcounts {
     await this.file.flush();
     entry.copy(this.table, ti * 8);
     this.onMetadataChange(off, true);
-    if (this.freeClusterIndex === c) this.freeClusterIndex = c + 1;
+    if (this.freeClusterIndex <= c) this.freeClusterIndex = c + 1;
   }
 
   /**
@@ -203,7 +271,8 @@ export class Refcounts {
     const oldEntries = this.tableEntries;
     let newEntries = Math.max(neededIndex + 1, Math.ceil(oldEntries * 1.5));
     newEntries = Math.ceil(newEntries / perCluster) * perCluster;
-    const start = Math.ceil(this.file.getLength() / cs);
+    // After everything in use (the file may extend further by a speculative, unused tail).
+    const start = Math.ceil(Math.max(this.usedEnd, this.openLength) / cs);
     let blocks = 0;
     let tableClusters = 0;
     let firstBlockIndex = 0;
@@ -239,6 +308,7 @@ export class Refcounts {
     });
     // Blocks that already existed but describe part of the new area get their counts bumped
     // through the cache (they were found non-missing above).
+    if (areaEnd * cs > this.knownZeroFrom) this.knownZeroFrom = areaEnd * cs;
     await this.ensureFileSize(areaEnd * cs);
     if (blockBufs.length) await this.file.pwrite(start * cs, Buffer.concat(blockBufs));
     await this.file.pwrite((start + blocks) * cs, newTable);
