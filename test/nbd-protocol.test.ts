@@ -516,6 +516,75 @@ describe('transmission', () => {
     assert.equal(c.buffered, 0, 'no reply to NBD_CMD_DISC');
   });
 
+  test('reply and payload buffers are reused without mixing requests (sizes across classes, simple and structured)', async () => {
+    // The server recycles read and write buffers; every reply must still carry exactly its own bytes.
+    const own = await serveFiles([{ name: 'rw', size: 4 * MiB }]);
+    const simple = await RawClient.connect(own.server);
+    await go(simple, 'rw');
+    const structured = await RawClient.connect(own.server);
+    await go(structured, 'rw', { structured: true });
+    const sizes = [1, 100, 4095, 4096, 4097, 65536 + 3, 200_000, 262_144, 1 * MiB - 5];
+    const offsets: number[] = [];
+    let at = 0;
+    for (const s of sizes) {
+      offsets.push(at);
+      at += s + 4096 - (s % 4096) + 512; // gaps between ranges, unaligned starts
+    }
+    assert.ok(at <= 4 * MiB);
+    for (let round = 0; round < 3; round++) {
+      const data = sizes.map((s, i) => {
+        const b = Buffer.alloc(s);
+        for (let k = 0; k < s; k++) b[k] = (k * 31 + (k >> 9) + round * 7 + i * 13 + 1) & 0xff;
+        return b;
+      });
+      simple.write(Buffer.concat(sizes.map((s, i) => requestBytes(P.NBD_CMD_WRITE, 0, 100 + i, offsets[i], s, data[i]))));
+      for (let i = 0; i < sizes.length; i++) assert.equal((await simpleReply(simple)).error, 0);
+      // Reads pipelined on both connections while neither client reads its replies (so they
+      // queue in the server), then more reads that need buffers while those are still unsent.
+      const REPS = 4;
+      const reads = (base: number) => Buffer.concat(Array.from({ length: REPS }, (_, rep) =>
+        sizes.map((s, i) => requestBytes(P.NBD_CMD_READ, 0, base + rep * 100 + i, offsets[i], s))).flat());
+      simple.sock.pause();
+      structured.sock.pause();
+      simple.write(reads(1000));
+      structured.write(reads(2000));
+      await new Promise((r) => setTimeout(r, 150));
+      simple.write(reads(11000));
+      structured.write(reads(12000));
+      await new Promise((r) => setTimeout(r, 150));
+      simple.sock.resume();
+      structured.sock.resume();
+      for (let n = 0; n < sizes.length * REPS * 2; n++) {
+        const h = await simple.read(16);
+        assert.equal(h.readUInt32BE(4), 0);
+        const i = Number(h.readBigUInt64BE(8)) % 100;
+        assert.ok(Buffer.from(await simple.read(sizes[i])).equals(data[i]), `simple read ${i} (${sizes[i]} bytes), round ${round}`);
+      }
+      const got = new Map<number, Buffer>();
+      let done = 0;
+      while (done < sizes.length * REPS * 2) {
+        const ch = await readChunk(structured);
+        const i = ch.handle % 100;
+        const key = ch.handle;
+        const buf = got.get(key) ?? Buffer.alloc(sizes[i], 0xee);
+        got.set(key, buf);
+        if (ch.type === P.NBD_REPLY_TYPE_OFFSET_DATA) {
+          ch.payload.copy(buf, Number(ch.payload.readBigUInt64BE(0)) - offsets[i], 8);
+        } else {
+          assert.equal(ch.type, P.NBD_REPLY_TYPE_OFFSET_HOLE, `chunk type ${ch.type}`);
+          buf.fill(0, Number(ch.payload.readBigUInt64BE(0)) - offsets[i], Number(ch.payload.readBigUInt64BE(0)) - offsets[i] + ch.payload.readUInt32BE(8));
+        }
+        if (ch.flags & P.NBD_REPLY_FLAG_DONE) {
+          assert.ok(buf.equals(data[i]), `structured read ${i} (${sizes[i]} bytes), round ${round}`);
+          done++;
+        }
+      }
+    }
+    simple.destroy();
+    structured.destroy();
+    await own.close();
+  });
+
   test('a client that vanishes mid-WRITE leaves nothing applied and its connection freed', async () => {
     const c = await RawClient.connect(fx.server);
     await go(c, 'rw');

@@ -29,6 +29,7 @@ import {
 } from './protocol.js';
 import { Payload, Receiver, type NbdRequest, type ReceiverHandler } from './receiver.js';
 import { upgradeToTls, type TlsCredentials } from './tls.js';
+import { bufferPool } from './buffers.js';
 
 /** What every connection of one server shares. */
 export interface ServerContext {
@@ -107,7 +108,8 @@ export class NbdConnection implements ReceiverHandler {
   private holdingForOutput = false;
   /** Server shutdown: new requests get ESHUTDOWN. */
   private draining = false;
-  private corked = false;
+  /** The stream corked for the current batch of replies (uncorked by flushBatch). */
+  private batchOut: net.Socket | tls.TLSSocket | null = null;
   private idleWaiters: Array<() => void> = [];
   readonly closed: Promise<void>;
   private resolveClosed!: () => void;
@@ -165,7 +167,7 @@ export class NbdConnection implements ReceiverHandler {
   private endSoftly(): void {
     if (this.phase === Phase.Closed) return;
     this.phase = Phase.Closing;
-    this.uncork();
+    this.flushBatch();
     this.receiver.stop(); // keep reading (and dropping) so a close cannot turn into a reset
     this.out.end();
     // A client that never closes its side must not keep the descriptor.
@@ -193,27 +195,32 @@ export class NbdConnection implements ReceiverHandler {
   // ---- output --------------------------------------------------------------------------------
 
   /**
-   * Most replies are one buffer (header and payload built together), written at once. A reply
-   * of several pieces is corked so it leaves in one writev.
+   * Most replies are one buffer (header and payload built together). Replies are batched: the
+   * first one of an event-loop turn corks the socket and a setImmediate uncorks it, so every
+   * reply completed in the same turn (a burst of reads answered from the page cache, thread
+   * pool completions that arrived together, the chunks of one structured reply) leaves in one
+   * writev instead of a syscall each. `pooled` is the pool buffer `buf` was cut from: it goes
+   * back to the pool once the socket is done with it.
    */
-  private send(buf: Buffer): void {
+  private send(buf: Buffer, pooled?: Buffer): void {
     if (this.phase === Phase.Closed) return;
-    this.out.write(buf);
-    if (!this.corked) this.checkOutput();
+    if (this.batchOut === null) {
+      this.batchOut = this.out;
+      this.out.cork();
+      setImmediate(this.flushBatch);
+    }
+    if (pooled) this.out.write(buf, (err) => { if (!err) bufferPool.release(pooled); });
+    else this.out.write(buf);
   }
 
-  private cork(): void {
-    if (this.corked || this.phase === Phase.Closed) return;
-    this.corked = true;
-    this.out.cork();
-  }
-
-  private uncork(): void {
-    if (!this.corked) return;
-    this.corked = false;
-    this.out.uncork();
+  /** Send the replies batched so far (also before STARTTLS and FIN). */
+  private readonly flushBatch = (): void => {
+    const o = this.batchOut;
+    if (o === null) return;
+    this.batchOut = null;
+    o.uncork();
     this.checkOutput();
-  }
+  };
 
   /** A client slow to read its replies stops us reading its requests. */
   private checkOutput(): void {
@@ -423,7 +430,7 @@ export class NbdConnection implements ReceiverHandler {
     const raw = this.socket;
     raw.unpipe(this.receiver);
     raw.pause();
-    this.uncork();
+    this.flushBatch();
     await new Promise<void>((resolve, reject) => raw.write(optionReply(option, NBD_REP_ACK), (err) => (err ? reject(err) : resolve())));
     let secure: tls.TLSSocket;
     try {
@@ -495,9 +502,9 @@ export class NbdConnection implements ReceiverHandler {
     return Payload.None;
   }
 
-  payload(req: NbdRequest, data: Buffer | null): void {
+  payload(req: NbdRequest, data: Buffer | null, pooled: Buffer | null): void {
     if (data === null) this.sendError(req, req.error, req.errorMessage);
-    else this.dispatch(req, data);
+    else this.dispatch(req, data, pooled);
   }
 
   private reject(req: NbdRequest, error: number, message: string): false {
@@ -549,7 +556,7 @@ export class NbdConnection implements ReceiverHandler {
 
   // ---- transmission: execution -----------------------------------------------------------------
 
-  private dispatch(req: NbdRequest, data: Buffer | null): void {
+  private dispatch(req: NbdRequest, data: Buffer | null, pooled: Buffer | null = null): void {
     const bytes = req.type === NBD_CMD_READ ? req.length : (data?.length ?? 0);
     this.inFlight++;
     this.inFlightBytes += bytes;
@@ -557,7 +564,7 @@ export class NbdConnection implements ReceiverHandler {
       this.holdingForInFlight = true;
       this.receiver.hold();
     }
-    this.execute(req, data).catch((err: unknown) => this.sendError(req, errnoOf(err, req), messageOf(err)))
+    this.execute(req, data, pooled).catch((err: unknown) => this.sendError(req, errnoOf(err, req), messageOf(err)))
       .finally(() => this.complete(bytes));
   }
 
@@ -575,7 +582,7 @@ export class NbdConnection implements ReceiverHandler {
     }
   }
 
-  private async execute(req: NbdRequest, data: Buffer | null): Promise<void> {
+  private async execute(req: NbdRequest, data: Buffer | null, pooled: Buffer | null): Promise<void> {
     const backend = this.exp!.backend;
     const fua = req.flags & NBD_CMD_FLAG_FUA ? REQ_FUA : 0;
     switch (req.type) {
@@ -583,6 +590,8 @@ export class NbdConnection implements ReceiverHandler {
         return this.read(req);
       case NBD_CMD_WRITE:
         await backend.pwrite(req.offset, data!, fua);
+        // Only after success: a failed write may still have pieces in flight reading it.
+        if (pooled) bufferPool.release(pooled);
         return this.sendOk(req);
       case NBD_CMD_WRITE_ZEROES: {
         let flags = fua;
@@ -614,12 +623,14 @@ export class NbdConnection implements ReceiverHandler {
   private async read(req: NbdRequest): Promise<void> {
     const backend = this.exp!.backend;
     const { offset, length } = req;
+    // A pool buffer that failed to fill is dropped, not released: see buffers.ts.
     if (!this.structured) {
       // Header and data in one buffer: the payload is read straight into the reply.
-      const reply = Buffer.allocUnsafe(16 + length);
+      const pooled = bufferPool.acquire(16 + length);
+      const reply = pooled.subarray(0, 16 + length);
       if (length > 0) await backend.pread(offset, reply.subarray(16));
       this.simpleHeader(reply, req, 0);
-      this.send(reply);
+      this.send(reply, pooled);
       return;
     }
     if (length === 0) {
@@ -628,22 +639,23 @@ export class NbdConnection implements ReceiverHandler {
     }
     const runs = req.flags & NBD_CMD_FLAG_DF || length < SPARSE_READ_MIN ? null : await this.readRuns(offset, length);
     if (!runs || (runs.length === 1 && !runs[0].zero)) {
-      const reply = this.dataChunk(req, NBD_REPLY_FLAG_DONE, offset, length);
+      const pooled = bufferPool.acquire(28 + length);
+      const reply = this.dataChunk(req, NBD_REPLY_FLAG_DONE, offset, length, pooled);
       await backend.pread(offset, reply.subarray(28));
-      this.send(reply);
+      this.send(reply, pooled);
       return;
     }
     // Read every data run first, so no chunk goes out before we know the read succeeded.
-    const chunks = await Promise.all(runs.map(async (r, i) => {
+    const chunks = await Promise.all(runs.map(async (r, i): Promise<[Buffer, Buffer | undefined]> => {
       const flags = i === runs.length - 1 ? NBD_REPLY_FLAG_DONE : 0;
-      if (r.zero) return this.holeChunk(req, flags, r.offset, r.length);
-      const chunk = this.dataChunk(req, flags, r.offset, r.length);
+      if (r.zero) return [this.holeChunk(req, flags, r.offset, r.length), undefined];
+      const pooled = bufferPool.acquire(28 + r.length);
+      const chunk = this.dataChunk(req, flags, r.offset, r.length, pooled);
       await backend.pread(r.offset, chunk.subarray(28));
-      return chunk;
+      return [chunk, pooled];
     }));
-    this.cork();
-    for (const c of chunks) this.send(c);
-    this.uncork();
+    // One batch: the chunks leave together (send corks until the end of this turn).
+    for (const [c, pooled] of chunks) this.send(c, pooled);
   }
 
   /** Zero and data runs covering [offset, offset+length), from block status through the chain. */
@@ -731,8 +743,8 @@ export class NbdConnection implements ReceiverHandler {
   }
 
   /** A structured chunk header followed by room for `length` payload bytes. */
-  private chunk(req: NbdRequest, flags: number, type: number, length: number): Buffer {
-    const h = Buffer.allocUnsafe(20 + length);
+  private chunk(req: NbdRequest, flags: number, type: number, length: number, into?: Buffer): Buffer {
+    const h = into ? into.subarray(0, 20 + length) : Buffer.allocUnsafe(20 + length);
     h.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
     h.writeUInt16BE(type, 6);
@@ -749,8 +761,8 @@ export class NbdConnection implements ReceiverHandler {
   }
 
   /** NBD_REPLY_TYPE_OFFSET_DATA with room for the data at byte 28. */
-  private dataChunk(req: NbdRequest, flags: number, offset: number, length: number): Buffer {
-    const c = this.chunk(req, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + length);
+  private dataChunk(req: NbdRequest, flags: number, offset: number, length: number, into?: Buffer): Buffer {
+    const c = this.chunk(req, flags, NBD_REPLY_TYPE_OFFSET_DATA, 8 + length, into);
     writeU64(c, 20, offset);
     return c;
   }

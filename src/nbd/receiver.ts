@@ -11,6 +11,7 @@
 // Payloads the connection does not want (an oversized option, a WRITE that will be refused)
 // are skipped as they stream past: never buffered.
 import { Writable } from 'node:stream';
+import { bufferPool } from './buffers.js';
 import {
   IHAVEOPT, NBD_OPTION_HEADER_SIZE, NBD_REQUEST_MAGIC, NBD_REQUEST_SIZE,
 } from './protocol.js';
@@ -45,8 +46,12 @@ export interface ReceiverHandler {
   option(option: number, length: number, data: Buffer | null): void;
   /** After a request header. Only NBD_CMD_WRITE carries a payload. */
   request(req: NbdRequest): Payload;
-  /** A WRITE's payload arrived in full (null when it was skipped). */
-  payload(req: NbdRequest, data: Buffer | null): void;
+  /**
+   * A WRITE's payload arrived in full (null when it was skipped). `pooled` is the pool buffer
+   * data lies in (give it back once the write succeeded), or null when data is a slice of a
+   * received chunk.
+   */
+  payload(req: NbdRequest, data: Buffer | null, pooled: Buffer | null): void;
   protocolError(message: string): void;
 }
 
@@ -81,6 +86,8 @@ export class Receiver extends Writable {
   private payloadLength = 0;
   private payloadDone = 0;
   private payloadBuf: Buffer | null = null;
+  /** The pool buffer payloadBuf was cut from (WRITE payloads spanning chunks). */
+  private payloadPooled: Buffer | null = null;
   private skipping = false;
 
   constructor(private readonly handler: ReceiverHandler) {
@@ -103,6 +110,7 @@ export class Receiver extends Writable {
   stop(): void {
     this.state = State.Stopped;
     this.payloadBuf = null;
+    this.payloadPooled = null;
     this.chunk = EMPTY;
     this.pos = 0;
     const cb = this.chunkCallback;
@@ -254,6 +262,7 @@ export class Receiver extends Writable {
     this.payloadDone = 0;
     this.skipping = skip;
     this.payloadBuf = null;
+    this.payloadPooled = null;
     if (!skip && length > 0) {
       // Zero copy when the whole payload is already in this chunk.
       if (this.chunk.length - this.pos >= length) {
@@ -263,7 +272,13 @@ export class Receiver extends Writable {
         this.finishPayload();
         return;
       }
-      this.payloadBuf = Buffer.allocUnsafe(length);
+      // One copy per received chunk into a buffer sized from the header.
+      if (state === State.Payload) {
+        this.payloadPooled = bufferPool.acquire(length);
+        this.payloadBuf = this.payloadPooled.subarray(0, length);
+      } else {
+        this.payloadBuf = Buffer.allocUnsafe(length);
+      }
     }
   }
 
@@ -277,7 +292,9 @@ export class Receiver extends Writable {
 
   private finishPayload(): void {
     const data = this.skipping ? null : (this.payloadBuf ?? EMPTY);
+    const pooled = this.skipping ? null : this.payloadPooled;
     this.payloadBuf = null;
+    this.payloadPooled = null;
     if (this.state === State.OptionData) {
       this.state = State.OptionHeader;
       this.handler.option(this.option, this.payloadLength, data);
@@ -285,7 +302,7 @@ export class Receiver extends Writable {
       this.state = State.RequestHeader;
       const req = this.request!;
       this.request = null;
-      this.handler.payload(req, data);
+      this.handler.payload(req, data, pooled);
     }
   }
 

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import { invalidArgument } from '../block/errors.js';
 import { DEFAULT_LIMITS, NbdConnection, type ConnectionLimits, type ServerContext } from './connection.js';
 import type { NbdExport } from './export.js';
+import { bufferPool } from './buffers.js';
 import { NBD_DEFAULT_PORT } from './protocol.js';
 import type { TlsCredentials } from './tls.js';
 
@@ -69,7 +70,11 @@ export async function startServer(opts: ServerOptions): Promise<NbdServer> {
     }
     const conn = new NbdConnection(socket, ctx);
     connections.add(conn);
-    conn.closed.then(() => connections.delete(conn));
+    conn.closed.then(() => {
+      connections.delete(conn);
+      // Idle read/write buffers are kept for the next request, not for an idle server.
+      if (connections.size === 0) bufferPool.trim();
+    });
   });
 
   /**
