@@ -67,6 +67,20 @@ export class MetadataCache {
     return hit.buf;
   }
 
+  /** The table at `offset`, pinned, if it is cached and loaded; else null (then use get()). */
+  getSync(offset: number): Buffer | null {
+    const hit = this.entries.get(offset);
+    if (!hit || hit.loading) return null;
+    hit.lru = ++this.clock;
+    hit.pins++;
+    return hit.buf;
+  }
+
+  /** True when writing this cache back already waits for `other` (setDependency would do nothing). */
+  dependsOnCache(other: MetadataCache): boolean {
+    return this.dependsOn === other;
+  }
+
   /** Get the table at `offset`, reading it if needed. Pin it until release(). */
   async get(offset: number): Promise<Buffer> {
     const hit = this.entries.get(offset);
@@ -202,20 +216,21 @@ export class MetadataCache {
   }
 }
 
-/** A FIFO async mutex: the qcow2 metadata lock (QEMU's s->lock). */
+/** A FIFO async mutex: the qcow2 metadata lock (QEMU's s->lock). Free: taken at once. */
 export class Mutex {
-  private tail: Promise<void> = Promise.resolve();
+  private locked = false;
+  private readonly waiters: Array<() => void> = [];
 
   async run<T>(fn: () => Promise<T>): Promise<T> {
-    let release!: () => void;
-    const next = new Promise<void>((r) => (release = r));
-    const prev = this.tail;
-    this.tail = prev.then(() => next);
-    await prev;
+    if (this.locked) await new Promise<void>((r) => this.waiters.push(r));
+    else this.locked = true;
     try {
       return await fn();
     } finally {
-      release();
+      // Hand the lock to the next waiter directly (it stays locked), FIFO.
+      const next = this.waiters.shift();
+      if (next) next();
+      else this.locked = false;
     }
   }
 }

@@ -354,16 +354,41 @@ export class Qcow2Driver implements BlockDriver {
   async pwrite(offset: number, buf: Buffer, flags: number): Promise<void> {
     this.checkWritable();
     if (flags & REQ_WRITE_COMPRESSED) return this.writeCompressed(offset, buf);
-    // Fast path: every cluster is ours alone; map under the lock, write outside it.
-    const segs = await this.lock.run(async () =>
-      (await this.allCopied(offset, buf.length)) ? this.mapRange(offset, buf.length) : null);
-    if (segs && segs.every((s) => s.kind === KIND_NORMAL)) {
-      for (const s of segs) await this.checkOverlap(s.host, s.length);
-      if (segs.length === 1) return this.file.pwrite(segs[0].host, buf);
-      await Promise.all(segs.map((s) => this.file.pwrite(s.host, buf.subarray(s.offset - offset, s.offset - offset + s.length))));
-      return;
+    // Fast path without the lock: one cached L2 table, clusters ours alone (COPIED) and
+    // contiguous on the host. The mapping is read synchronously, so it is one consistent
+    // state, as under the lock; the data goes to the file outside it either way.
+    const host = this.ownedRun(offset, buf.length);
+    if (host >= 0) {
+      await this.checkOverlap(host, buf.length);
+      return this.file.pwrite(host, buf);
     }
     await this.writeSlow(offset, buf);
+  }
+
+  /** Host offset of guest [offset, offset+length) if it is one owned, cached, contiguous run; else -1. */
+  private ownedRun(offset: number, length: number): number {
+    const l1i = Math.floor(offset / this.l2Span);
+    const end = offset + length;
+    if (end > (l1i + 1) * this.l2Span) return -1;
+    const l1hi = entryHi(this.l1, l1i);
+    if (!(l1hi & C.QCOW_OFLAG_COPIED_HI)) return -1;
+    const l2Off = this.dec.l1Offset(l1hi, entryLo(this.l1, l1i), l1i);
+    if (l2Off === 0) return -1;
+    const l2 = this.l2Cache.peek(l2Off);
+    if (!l2) return -1;
+    const cs = this.clusterSize;
+    const ci = Math.floor(offset / cs);
+    let host = -1;
+    for (let c = ci, idx = ci % this.l2Entries; c * cs < end; c++, idx++) {
+      const hi = entryHi(l2, idx);
+      const lo = entryLo(l2, idx);
+      if (!(hi & C.QCOW_OFLAG_COPIED_HI) || hi & C.QCOW_OFLAG_COMPRESSED_HI || lo & C.QCOW_OFLAG_ZERO_LO) return -1;
+      const e = this.dec.decode(hi, lo, c * cs);
+      if (e.kind !== KIND_NORMAL) return -1;
+      if (c === ci) host = e.host;
+      else if (e.host !== host + (c - ci) * cs) return -1;
+    }
+    return host + (offset - ci * cs);
   }
 
   /**
@@ -427,8 +452,8 @@ export class Qcow2Driver implements BlockDriver {
     if (blocked) return { kind: 'wait', until: blocked.done };
     const l1i = Math.floor(pos / this.l2Span);
     const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
-    const l2Off = await this.getL2ForWrite(l1i);
-    const l2 = await this.l2Cache.get(l2Off);
+    const l2Off = this.ownedL2(l1i) || await this.getL2ForWrite(l1i);
+    const l2 = this.l2Cache.getSync(l2Off) ?? await this.l2Cache.get(l2Off);
     try {
       const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * cs);
       if (e.kind === KIND_NORMAL && e.copied) {
@@ -459,9 +484,9 @@ export class Qcow2Driver implements BlockDriver {
         olds.push(f);
         runEnd = Math.min(tableEnd, runEnd + cs);
       }
-      await this.markDirty();
+      if (this.needMarkDirty) await this.markDirty();
       const k = olds.length;
-      const { offset: host, fresh } = await this.refcounts.allocRun(k, true);
+      const { offset: host, fresh } = this.refcounts.tryAllocRun(k) ?? await this.refcounts.allocRun(k, true);
       let resolve!: () => void;
       const done = new Promise<void>((r) => (resolve = r));
       const entry: InflightAlloc = { first: ci, end: ci + k, done, resolve };
@@ -524,13 +549,13 @@ export class Qcow2Driver implements BlockDriver {
   private async linkAllocation(step: AllocStep, cow: boolean): Promise<void> {
     const cs = this.clusterSize;
     const k = step.olds.length;
-    const l2Off = await this.getL2ForWrite(step.l1i);
-    const l2 = await this.l2Cache.get(l2Off);
+    const l2Off = this.ownedL2(step.l1i) || await this.getL2ForWrite(step.l1i);
+    const l2 = this.l2Cache.getSync(l2Off) ?? await this.l2Cache.get(l2Off);
     const olds: L2Info[] = [];
     try {
       // The COW'd bytes were stable before; the L2 entry must not get ahead of them.
       if (cow) this.l2Cache.setDependsOnFlush();
-      await this.linkDependency();
+      if (!this.lazy && !this.l2Cache.dependsOnCache(this.refcounts.cache)) await this.linkDependency();
       for (let j = 0; j < k; j++) {
         const idx = (step.first + j) % this.l2Entries;
         // Re-read: the entry as it is now is what this write replaces.
@@ -542,32 +567,19 @@ export class Qcow2Driver implements BlockDriver {
     } finally {
       this.l2Cache.release(l2Off);
     }
-    for (const o of olds) await this.freeOld(o, false);
+    for (const o of olds) if (o.kind !== KIND_UNALLOCATED && o.kind !== KIND_ZERO_PLAIN) await this.freeOld(o, false);
   }
 
-  /** True when every cluster of the range is a normal cluster with COPIED set (lock held). */
-  private async allCopied(offset: number, length: number): Promise<boolean> {
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const l1i = Math.floor(pos / this.l2Span);
-      const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
-      if (!(entryHi(this.l1, l1i) & C.QCOW_OFLAG_COPIED_HI)) return false;
-      const l2Off = this.dec.l1Offset(entryHi(this.l1, l1i), entryLo(this.l1, l1i), l1i);
-      if (l2Off === 0) return false;
-      const l2 = await this.l2Cache.get(l2Off);
-      try {
-        for (; pos < tableEnd; pos = (Math.floor(pos / this.clusterSize) + 1) * this.clusterSize) {
-          const idx = Math.floor(pos / this.clusterSize) % this.l2Entries;
-          const hi = entryHi(l2, idx);
-          if (!(hi & C.QCOW_OFLAG_COPIED_HI) || hi & C.QCOW_OFLAG_COMPRESSED_HI || entryLo(l2, idx) & C.QCOW_OFLAG_ZERO_LO) return false;
-        }
-      } finally {
-        this.l2Cache.release(l2Off);
-      }
-      pos = tableEnd;
-    }
-    return true;
+  /** The L2 table offset for `l1i` when it exists and is ours alone (no allocation or copy needed), else 0. */
+  private ownedL2(l1i: number): number {
+    const hi = entryHi(this.l1, l1i);
+    if (!(hi & C.QCOW_OFLAG_COPIED_HI)) return 0;
+    return this.dec.l1Offset(hi, entryLo(this.l1, l1i), l1i);
+  }
+
+  /** markDirty() has something to do. */
+  private get needMarkDirty(): boolean {
+    return this.lazy && !this.markedDirty && this.h.version >= 3;
   }
 
   /** The L2 table for L1 index `l1i`, allocated or copied (if shared) so that we may modify it. */

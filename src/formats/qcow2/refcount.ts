@@ -196,6 +196,65 @@ export class Refcounts {
   }
 
   /**
+   * allocRun() without waiting, when everything it needs is at hand (refcount blocks cached,
+   * no refcount block to create, the file long enough); else null with nothing changed.
+   */
+  tryAllocRun(n: number): { offset: number; fresh: boolean } | null {
+    const start = this.findFreeSync(n);
+    if (start < 0) return null;
+    const end = (start + n) * this.clusterSize;
+    if (end > this.file.getLength()) return null;
+    const first = Math.floor(start / this.entriesPerBlock);
+    const last = Math.floor((start + n - 1) / this.entriesPerBlock);
+    for (let ti = first; ti <= last; ti++) {
+      const off = this.blockOffset(ti);
+      if (off === 0 || !this.cache.peek(off)) return null;
+    }
+    for (let ti = first; ti <= last; ti++) {
+      const off = this.blockOffset(ti);
+      const block = this.cache.peek(off)!;
+      const lo = Math.max(start, ti * this.entriesPerBlock);
+      const hi = Math.min(start + n, (ti + 1) * this.entriesPerBlock);
+      for (let c = lo; c < hi; c++) setRefcountEntry(block, this.order, c - ti * this.entriesPerBlock, 1);
+      this.cache.markDirty(off);
+    }
+    if (this.freeClusterIndex <= start) this.freeClusterIndex = start + n;
+    const offset = start * this.clusterSize;
+    const fresh = offset >= this.knownZeroFrom;
+    if (end > this.knownZeroFrom) this.knownZeroFrom = end;
+    if (end > this.usedEnd) this.usedEnd = end;
+    return { offset, fresh };
+  }
+
+  /** findFree() over cached refcount blocks only: -1 when it would have to read one. */
+  private findFreeSync(n: number): number {
+    let start = this.freeClusterIndex;
+    let run = 0;
+    while (run < n) {
+      const c = start + run;
+      const ti = Math.floor(c / this.entriesPerBlock);
+      const off = this.blockOffset(ti);
+      const blockEnd = (ti + 1) * this.entriesPerBlock;
+      if (off === 0) {
+        run = Math.min(n, blockEnd - start);
+      } else {
+        const block = this.cache.peek(off);
+        if (!block) return -1;
+        for (let k = c; k < blockEnd && run < n; k++) {
+          if (getRefcountEntry(block, this.order, k - ti * this.entriesPerBlock) === 0) {
+            run++;
+          } else {
+            start = k + 1;
+            run = 0;
+          }
+        }
+      }
+      if ((start + run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) return -1;
+    }
+    return start;
+  }
+
+  /**
    * alloc() that also says whether the clusters are known to read as zeros (`fresh`: never
    * used since open, past the file's end at open). `data`: grow the file ahead (guest data).
    */
