@@ -122,6 +122,8 @@ export interface CreateOptions {
   options?: Record<string, string>;
   backingFile?: string;
   backingFormat?: string;
+  /** qemu-img create -u: do not open the backing file to check it. */
+  unsafe?: boolean;
 }
 
 export async function createImage(filename: string, c: CreateOptions): Promise<void> {
@@ -131,6 +133,17 @@ export async function createImage(filename: string, c: CreateOptions): Promise<v
   for (const key of Object.keys(options)) {
     if (!format.createOptions.includes(key)) {
       throw invalidArgument(`Invalid parameter '${key}' for format '${c.format}' (supported: ${format.createOptions.join(', ')})`);
+    }
+  }
+  // Like qemu-img create, check the backing chain opens (and does not loop back to the new
+  // image) before anything is written. Protocol prefixes and json: are refused even with -u.
+  const backingFile = c.backingFile ?? options.backing_file;
+  if (backingFile !== undefined && backingFile !== '') {
+    const resolved = resolveBackingName(filename, backingFile);
+    if (!c.unsafe) {
+      const self = await fs.realpath(filename).catch(() => path.resolve(filename));
+      const backing = await openInChain(resolved, { format: c.backingFormat ?? options.backing_fmt, readOnly: true }, [self]);
+      await backing.close();
     }
   }
   await createFile(filename);

@@ -13,11 +13,12 @@ export function register(program: Command): void {
     .option('-o, --options <opts>', 'format options, e.g. preallocation=falloc', collectKeyValues)
     .option('-b, --backing <file>', 'backing file')
     .option('-F, --backing-format <fmt>', 'backing file format')
+    .option('-u, --unsafe', 'do not open the backing file to check it')
     .option('-q, --quiet', 'do not print the "Formatting" line')
     .argument('<file>')
     .argument('[size]', 'size with optional k, M, G, T suffix')
     .action(action(async (file: string, sizeText: string | undefined, o: {
-      format: string; options?: Record<string, string>; backing?: string; backingFormat?: string; quiet?: boolean;
+      format: string; options?: Record<string, string>; backing?: string; backingFormat?: string; quiet?: boolean; unsafe?: boolean;
     }) => {
       getFormat(o.format);
       const options = { ...(o.options ?? {}) };
@@ -41,7 +42,7 @@ export function register(program: Command): void {
         process.stdout.write(`Formatting '${file}', fmt=${o.format}${extra} size=${size}${back}\n`);
       }
       await createImage(file, {
-        format: o.format, size, options, backingFile: o.backing, backingFormat: o.backingFormat,
+        format: o.format, size, options, backingFile: o.backing, backingFormat: o.backingFormat, unsafe: o.unsafe,
       });
     }));
 }

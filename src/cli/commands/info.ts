@@ -67,7 +67,10 @@ export function printHuman(i: ImageInfo): void {
     lines.push('Format specific information:');
     for (const [k, v] of Object.entries(fsd.data)) lines.push(`    ${humanKey(k)}: ${v}`);
   }
-  for (const n of i.notes) lines.push(`vdisk: ${n}`);
+  if (i.notes.length > 0) {
+    lines.push('vdisk specific information:');
+    for (const n of i.notes) lines.push(`    ${n}`);
+  }
   process.stdout.write(lines.join('\n') + '\n');
 }
 
