@@ -202,3 +202,24 @@ test('disk full: one "No space left on device" line, non-zero exit, reported wri
   assert.equal(vdisk(['create', '-q', img, '1M']).status, 0);
   assert.equal(vdisk(['io', '-c', 'write -P 1 0 1M', '-c', 'flush', img]).status, 0);
 });
+
+test('bad backing files for create: missing, loop back to the new image, json: and protocol names', (t) => {
+  const dir = withDir(t);
+  const a = path.join(dir, 'a.qcow2');
+  const b = path.join(dir, 'b.qcow2');
+  assert.equal(vdisk(['create', '-q', '-f', 'qcow2', a, '1M']).status, 0);
+  assert.equal(vdisk(['create', '-q', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', b]).status, 0);
+  const c = path.join(dir, 'c.qcow2');
+  oneLine(vdisk(['create', '-q', '-f', 'qcow2', '-b', 'missing.qcow2', '-F', 'qcow2', c, '1M']), 'missing backing', 1, /No such file/);
+  assert.equal(fs.existsSync(c), false, 'nothing is created when the backing does not open');
+  // Re-creating a.qcow2 on top of b (whose backing is a) would make a loop.
+  oneLine(vdisk(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', a]), 'loop', 1, /loop/);
+  for (const name of ['json:{"driver":"raw"}', 'nbd://127.0.0.1/x', 'http://example.invalid/x']) {
+    for (const unsafe of [[], ['-u']]) {
+      oneLine(vdisk(['create', '-q', ...unsafe, '-f', 'qcow2', '-b', name, '-F', 'raw', c, '1M']), `backing ${name} ${unsafe}`, 1, /refuses/);
+    }
+  }
+  assert.equal(fs.existsSync(c), false);
+  // -u skips opening a missing backing, as qemu-img create -u does.
+  assert.equal(vdisk(['create', '-q', '-u', '-f', 'qcow2', '-b', 'missing.qcow2', '-F', 'qcow2', c, '1M']).status, 0);
+});
