@@ -585,6 +585,56 @@ describe('transmission', () => {
     await own.close();
   });
 
+  test('sparse reads see holes made after an earlier read of the range (WRITE_ZEROES, TRIM, other connection)', async () => {
+    const own = await serveFiles([{ name: 'rw', size: 4 * MiB }]);
+    try {
+      const a = await RawClient.connect(own.server);
+      const { flags } = await go(a, 'rw', { structured: true });
+      const b = await RawClient.connect(own.server);
+      await go(b, 'rw', { structured: true });
+      const data = Buffer.alloc(2 * MiB, 0x5a);
+      a.write(requestBytes(P.NBD_CMD_WRITE, 0, 1, 0, data.length, data));
+      assert.equal((await simpleReply(a)).error, 0);
+      const layout = async (c: RawClient, offset: number, length: number) => {
+        c.write(requestBytes(P.NBD_CMD_READ, 0, 7, offset, length));
+        const bytes = Buffer.alloc(length, 0xee);
+        const kinds: string[] = [];
+        for (const ch of await structuredReply(c)) {
+          const at = Number(ch.payload.readBigUInt64BE(0)) - offset;
+          if (ch.type === P.NBD_REPLY_TYPE_OFFSET_DATA) {
+            ch.payload.copy(bytes, at, 8);
+            kinds.push(`data@${at}+${ch.payload.length - 8}`);
+          } else {
+            bytes.fill(0, at, at + ch.payload.readUInt32BE(8));
+            kinds.push(`hole@${at}+${ch.payload.readUInt32BE(8)}`);
+          }
+        }
+        return { bytes, kinds: kinds.sort().join(' ') };
+      };
+      assert.deepEqual((await layout(a, 0, 256 * 1024)).kinds, 'data@0+262144');
+      // Zero the middle on the same connection, then trim more through the other one.
+      a.write(requestBytes(P.NBD_CMD_WRITE_ZEROES, 0, 2, 64 * 1024, 128 * 1024));
+      assert.equal((await simpleReply(a)).error, 0);
+      assert.ok(flags & P.NBD_FLAG_SEND_TRIM);
+      b.write(requestBytes(P.NBD_CMD_TRIM, 0, 3, 1 * MiB, 512 * 1024));
+      assert.equal((await simpleReply(b)).error, 0);
+      const fresh = await RawClient.connect(own.server);
+      await go(fresh, 'rw', { structured: true });
+      for (const [off, len] of [[0, 256 * 1024], [1 * MiB - 64 * 1024, 1 * MiB]]) {
+        const seen = await layout(a, off, len);
+        const truth = await layout(fresh, off, len);
+        assert.equal(seen.kinds, truth.kinds, `chunks of ${off}+${len} as a fresh connection sees them`);
+        assert.ok(seen.bytes.equals(truth.bytes));
+      }
+      const zeroed = (await layout(a, 0, 256 * 1024)).bytes;
+      assert.ok(zeroed.subarray(64 * 1024, 192 * 1024).every((x) => x === 0));
+      assert.ok(zeroed.subarray(0, 64 * 1024).every((x) => x === 0x5a));
+      for (const c of [a, b, fresh]) c.destroy();
+    } finally {
+      await own.close();
+    }
+  });
+
   test('a client that vanishes mid-WRITE leaves nothing applied and its connection freed', async () => {
     const c = await RawClient.connect(fx.server);
     await go(c, 'rw');

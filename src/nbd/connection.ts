@@ -63,6 +63,11 @@ const MAX_OPTION_IN_MEMORY = 256 * 1024;
  * block-status lookup costs more than the zeros it would save sending.
  */
 const SPARSE_READ_MIN = 64 * 1024;
+/**
+ * A sparse read asks block status this far ahead (at least), so sequential reads of a data
+ * region skip the lookup until they leave the range it reported.
+ */
+const STATUS_LOOKAHEAD = 8 * 1024 * 1024;
 /** Extents and read runs per reply; a reply may cover less than asked (spec allows it). */
 const MAX_EXTENTS = 65536;
 const MAX_READ_RUNS = 1024;
@@ -101,6 +106,11 @@ export class NbdConnection implements ReceiverHandler {
   private flags = 0;
   private baseContextId = 0;
   private depthContextId = 0;
+
+  /** Last data extent block status reported, valid while exp.holeGeneration === dataGeneration. */
+  private dataStart = 0;
+  private dataEnd = 0;
+  private dataGeneration = -1;
 
   private inFlight = 0;
   private inFlightBytes = 0;
@@ -597,11 +607,22 @@ export class NbdConnection implements ReceiverHandler {
         let flags = fua;
         if (!(req.flags & NBD_CMD_FLAG_NO_HOLE)) flags |= REQ_MAY_UNMAP;
         if (req.flags & NBD_CMD_FLAG_FAST_ZERO) flags |= REQ_NO_FALLBACK;
-        await backend.pwriteZeroes(req.offset, req.length, flags);
+        // Data may become zeros: forget what block status said, before and after.
+        this.exp!.holeGeneration++;
+        try {
+          await backend.pwriteZeroes(req.offset, req.length, flags);
+        } finally {
+          this.exp!.holeGeneration++;
+        }
         return this.sendOk(req);
       }
       case NBD_CMD_TRIM:
-        await backend.pdiscard(req.offset, req.length);
+        this.exp!.holeGeneration++;
+        try {
+          await backend.pdiscard(req.offset, req.length);
+        } finally {
+          this.exp!.holeGeneration++;
+        }
         // Discard takes no FUA; without a visible write cache it must be stable before the reply too.
         if (fua || !backend.hasWriteCache) await backend.flush();
         return this.sendOk(req);
@@ -637,7 +658,8 @@ export class NbdConnection implements ReceiverHandler {
       this.sendChunk(req, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, null);
       return;
     }
-    const runs = req.flags & NBD_CMD_FLAG_DF || length < SPARSE_READ_MIN ? null : await this.readRuns(offset, length);
+    const runs = req.flags & NBD_CMD_FLAG_DF || length < SPARSE_READ_MIN || this.knownData(offset, length)
+      ? null : await this.readRuns(offset, length);
     if (!runs || (runs.length === 1 && !runs[0].zero)) {
       const pooled = bufferPool.acquire(28 + length);
       const reply = this.dataChunk(req, NBD_REPLY_FLAG_DONE, offset, length, pooled);
@@ -658,16 +680,29 @@ export class NbdConnection implements ReceiverHandler {
     for (const [c, pooled] of chunks) this.send(c, pooled);
   }
 
+  private knownData(offset: number, length: number): boolean {
+    return this.dataGeneration === this.exp!.holeGeneration && offset >= this.dataStart && offset + length <= this.dataEnd;
+  }
+
   /** Zero and data runs covering [offset, offset+length), from block status through the chain. */
   private async readRuns(offset: number, length: number): Promise<ReadRun[] | null> {
-    const backend = this.exp!.backend;
+    const exp = this.exp!;
+    const backend = exp.backend;
     const end = offset + length;
     const runs: ReadRun[] = [];
     let pos = offset;
     try {
       while (pos < end) {
-        const ext = await backend.blockStatusAbove(pos, end - pos);
+        const first = pos === offset;
+        const generation = exp.holeGeneration;
+        const ask = first ? Math.min(exp.size - pos, Math.max(end - pos, STATUS_LOOKAHEAD)) : end - pos;
+        const ext = await backend.blockStatusAbove(pos, ask);
         if (ext.length === 0) break;
+        if (first && !ext[0].zero && ext[0].offset <= pos && generation === exp.holeGeneration) {
+          this.dataStart = ext[0].offset;
+          this.dataEnd = ext[0].offset + ext[0].length;
+          this.dataGeneration = generation;
+        }
         for (const e of ext) {
           const len = Math.min(e.length, end - pos);
           if (len <= 0) break;

@@ -27,6 +27,13 @@ export class NbdExport {
   readonly description: string;
   readonly backend: BlockBackend;
   readonly readOnly: boolean;
+  /**
+   * Bumped when a request may have turned data into zeros or holes (WRITE_ZEROES, TRIM, on any
+   * connection). Connections remember ranges block status called data and trust them for
+   * sparse reads only while this is unchanged. (Even a stale "data" would only send zeros as
+   * data: the same bytes to the client.)
+   */
+  holeGeneration = 0;
 
   constructor(o: NbdExportOptions) {
     this.name = o.name;
