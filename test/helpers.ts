@@ -23,7 +23,10 @@ export const PEER_PACKAGES: Record<string, string> = {
   nbdkit: 'nbdkit',
   fio: 'fio',
   strace: 'strace',
-  certtool: 'gnutls-bin',
+  openssl: 'openssl',
+  time: 'time',
+  setpriv: 'util-linux',
+  chattr: 'e2fsprogs',
 };
 
 export function hasProgram(name: string): boolean {

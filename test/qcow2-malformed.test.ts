@@ -168,7 +168,7 @@ function baseImage(dir: string, kind: Case['base']): string {
 }
 
 test('malformed qcow2 images fail cleanly (one line, no stack, bounded time and memory)', (t) => {
-  if (!needPeers(t, 'qemu-img', 'qemu-io')) return;
+  if (!needPeers(t, 'qemu-img', 'qemu-io', 'time')) return;
   const dir = tempDir();
   try {
     for (const c of CASES) {
@@ -203,7 +203,7 @@ test('malformed qcow2 images fail cleanly (one line, no stack, bounded time and 
 });
 
 test('backing chain loops fail with a loop error instead of hanging', (t) => {
-  if (!needPeers(t, 'qemu-img')) return;
+  if (!needPeers(t, 'qemu-img', 'time')) return;
   const dir = tempDir();
   try {
     const a = path.join(dir, 'a.qcow2');
