@@ -221,6 +221,9 @@ export class NbdConnection implements ReceiverHandler {
     }
     if (pooled) this.out.write(buf, (err) => { if (!err) bufferPool.release(pooled); });
     else this.out.write(buf);
+    // Requests answered synchronously (page-cache reads) can fill the output within one turn:
+    // the limit is checked on every reply, not only when the batch is flushed.
+    if (this.out.writableLength > this.ctx.limits.maxOutputBuffered) this.checkOutput();
   }
 
   /** Send the replies batched so far (also before STARTTLS and FIN). */
@@ -235,6 +238,7 @@ export class NbdConnection implements ReceiverHandler {
   /** A client slow to read its replies stops us reading its requests. */
   private checkOutput(): void {
     if (!this.holdingForOutput && this.out.writableLength > this.ctx.limits.maxOutputBuffered && this.phase !== Phase.Closed) {
+      this.flushBatch(); // what is queued starts moving now; 'drain' comes once it has gone
       this.holdingForOutput = true;
       this.receiver.hold();
       this.out.once('drain', () => {
