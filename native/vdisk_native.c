@@ -11,7 +11,8 @@
  *   pwriteNowait(fd, buf, offset) -> number                pwritev2(RWF_NOWAIT); -errno on failure
  *   uringSetup(entries, results: Int32Array, onDone) -> 0 | -errno
  *   uringSubmit(write, fd, buf, offset, id) -> 0 | -errno  queue one read or write on the io_uring
- *   uringFlush() -> 0 | -errno                             io_uring_enter for everything queued
+ *   uringFlush() -> count | -errno                         io_uring_enter for everything queued;
+ *                                                          completions already there, into results
  *   FALLOC_FL_* constants
  *
  * fallocate and BLKDISCARD can take long on big ranges, so they run on the libuv thread
@@ -22,9 +23,12 @@
  * throwing because EAGAIN (and EOPNOTSUPP where the file system lacks NOWAIT) is the normal
  * "take the slow path" answer, not an error.
  *
- * The io_uring (one per process) serves O_DIRECT reads and writes without the thread pool:
- * uringSubmit queues a request; uringFlush enters the kernel once for all queued ones (the
- * JS side calls it once per tick), which starts the device I/O and returns. Completions signal an eventfd that libuv polls; the poll callback copies every
+ * The io_uring (one per process) serves O_DIRECT reads and writes, buffered writes and
+ * buffered reads that missed the page cache, without the thread pool: uringSubmit queues a
+ * request; uringFlush enters the kernel once for all queued ones (the JS side calls it once
+ * per tick), which starts the I/O and returns, with the completions that are already there
+ * (buffered I/O often completes inside the call; ext4 may also hand writes to the kernel's
+ * io-wq threads). Later completions signal an eventfd that libuv polls; the poll callback copies every
  * completion as an (id, result) pair into `results` and calls onDone(count) once, with
  * results being bytes or -errno. At most `entries` requests are in flight (-EBUSY beyond),
  * so the completion queue (twice as big) can never overflow. The poll handle holds the
@@ -331,6 +335,24 @@ struct uring {
 
 static struct uring *ring; /* one per process: the main thread's event loop */
 
+/* Copies up to results_pairs completions into `results`; returns how many. */
+static unsigned uring_reap(struct uring *u) {
+  unsigned head = *u->cq_head;
+  unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
+  unsigned n = 0;
+  while (head != tail && n < u->results_pairs) {
+    struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
+    u->results[2 * n] = (int32_t)cqe->user_data;
+    u->results[2 * n + 1] = cqe->res;
+    n++;
+    head++;
+  }
+  __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+  u->in_flight -= n;
+  if (n > 0 && u->in_flight == 0) uv_unref((uv_handle_t *)&u->poll);
+  return n;
+}
+
 static void uring_poll_cb(uv_poll_t *handle, int status, int events) {
   (void)handle;
   (void)events;
@@ -342,20 +364,8 @@ static void uring_poll_cb(uv_poll_t *handle, int status, int events) {
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
   for (;;) {
-    unsigned head = *u->cq_head;
-    unsigned tail = __atomic_load_n(u->cq_tail, __ATOMIC_ACQUIRE);
-    unsigned n = 0;
-    while (head != tail && n < u->results_pairs) {
-      struct io_uring_cqe *cqe = &u->cqes[head & *u->cq_mask];
-      u->results[2 * n] = (int32_t)cqe->user_data;
-      u->results[2 * n + 1] = cqe->res;
-      n++;
-      head++;
-    }
-    __atomic_store_n(u->cq_head, head, __ATOMIC_RELEASE);
+    unsigned n = uring_reap(u);
     if (n == 0) break;
-    u->in_flight -= n;
-    if (u->in_flight == 0) uv_unref((uv_handle_t *)&u->poll);
     napi_value cb, recv, arg, result;
     napi_get_reference_value(env, u->callback_ref, &cb);
     napi_get_global(env, &recv); /* napi_make_callback wants an object */
@@ -489,8 +499,11 @@ static napi_value js_uring_submit(napi_env env, napi_callback_info info) {
   return make_number(env, 0);
 }
 
-/* Hands every queued request to the kernel with one io_uring_enter: 0, or -errno (the
- * requests stay queued and the next uringFlush tries again). */
+/* Hands every queued request to the kernel with one io_uring_enter. Requests the kernel
+ * finished during that call (page-cache reads and writes often complete inline) are copied
+ * into `results` at once, so the caller delivers them without waiting for the eventfd.
+ * Returns how many pairs it copied, or -errno (the requests stay queued and the next
+ * uringFlush tries again). */
 static napi_value js_uring_flush(napi_env env, napi_callback_info info) {
   (void)info;
   struct uring *u = ring;
@@ -500,7 +513,7 @@ static napi_value js_uring_flush(napi_env env, napi_callback_info info) {
     if (r <= 0) return make_number(env, r < 0 ? -errno : -EAGAIN);
     u->queued -= (unsigned)r;
   }
-  return make_number(env, 0);
+  return make_number(env, u ? (int64_t)uring_reap(u) : 0);
 }
 
 /* ---- module ------------------------------------------------------------------------ */

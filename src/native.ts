@@ -5,7 +5,7 @@
 // instead of punching holes, reads and writes only through libuv's thread pool, and says so
 // in `info` notes. VDISK_NO_NATIVE=1 forces that fallback (tests use it to cover the path);
 // VDISK_NO_NOWAIT=1 turns off only the RWF_NOWAIT page-cache fast path, VDISK_NO_URING=1
-// only the io_uring that carries O_DIRECT I/O.
+// only the io_uring that carries O_DIRECT I/O and buffered I/O that missed the fast path.
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -44,9 +44,12 @@ export interface NativeApi {
   readonly EAGAIN?: number;
   /** Sets up the process's io_uring: its size, or -errno. Completions go to onDone. */
   uringSetup?(entries: number, results: Int32Array, onDone: (count: number) => void): number;
-  /** Queues one read or write: 0, or -errno (-EBUSY when full). */
+  /** Queues one read or write of any Buffer (kept alive by the caller): 0, or -errno (-EBUSY when full). */
   uringSubmit?(write: boolean, fd: number, buf: Buffer, offset: number, id: number): number;
-  /** One io_uring_enter for everything queued: 0, or -errno (they stay queued). */
+  /**
+   * One io_uring_enter for everything queued: how many completions it found already done
+   * and copied into the results array (older addons: always 0), or -errno (they stay queued).
+   */
   uringFlush?(): number;
   readonly FALLOC_FL_KEEP_SIZE: number;
   readonly FALLOC_FL_PUNCH_HOLE: number;
@@ -108,7 +111,8 @@ const URING_ENTRIES = 256;
 const ERRNO_NAMES = new Map(Object.entries(os.constants.errno).map(([name, n]) => [n, name]));
 
 /**
- * O_DIRECT reads and writes on one io_uring per process: no thread-pool round trip. Requests
+ * Reads and writes (O_DIRECT, and buffered ones the RWF_NOWAIT fast path did not finish) on
+ * one io_uring per process: no thread-pool round trip. Requests
  * are queued, and one system call per tick (process.nextTick, so after every continuation
  * that the last completions woke) starts all of them; a promise settles from the ring's
  * eventfd, polled by the event loop. The caller keeps `buf` alive until then (the promise
@@ -121,10 +125,14 @@ export class Uring {
   private readonly waiting: Array<{ resolve: (n: number) => void; reject: (e: Error) => void; buf: Buffer } | undefined> = [];
   private readonly freeIds: number[] = [];
   private flushScheduled = false;
+  /** Requests started on the ring so far (tests). */
+  submitted = 0;
   private readonly flush = (): void => {
     this.flushScheduled = false;
+    const r = this.api.uringFlush();
     // Fails only when the kernel is short of memory: the requests stay queued, try again soon.
-    if (this.api.uringFlush() < 0) setTimeout(() => this.scheduleFlush(), 1);
+    if (r < 0) setTimeout(() => this.scheduleFlush(), 1);
+    else if (r > 0) this.done(r); // finished inside the system call (page-cache I/O often is)
   };
 
   constructor(private readonly api: Required<Pick<NativeApi, 'uringSubmit' | 'uringFlush'>>) {}
@@ -154,6 +162,7 @@ export class Uring {
       this.freeIds.push(id);
       return null;
     }
+    this.submitted++;
     this.scheduleFlush();
     return new Promise((resolve, reject) => {
       this.waiting[id] = { resolve, reject, buf };
@@ -197,7 +206,7 @@ function loadUring(): { ring: Uring | null; status: string } {
 
 let uringLoaded: { ring: Uring | null; status: string } | null = null;
 
-/** The process's io_uring, set up on first use (buffered-only processes never make one). */
+/** The process's io_uring, set up on first use (the first file opened). */
 export function uring(): Uring | null {
   uringLoaded ??= loadUring();
   return uringLoaded.ring;

@@ -11,6 +11,7 @@ import { BlockNode } from '../src/block/node.js';
 import { CACHE_MODES, parseCacheMode, type CacheModeName } from '../src/block/cache-mode.js';
 import type { BlockDriver, BlockLimits, DriverCaps } from '../src/block/driver.js';
 import { RawDriver } from '../src/formats/raw.js';
+import { uring } from '../src/native.js';
 import { needPeers, removeDir, run, tempDir, VDISK_BIN } from './helpers.js';
 
 const MODES = Object.keys(CACHE_MODES) as CacheModeName[];
@@ -82,17 +83,27 @@ interface Syscalls {
   events: string;
   /** For each write: was its descriptor opened with O_DIRECT? */
   writeDirect: boolean[];
+  /** Writes among `events` that an io_uring_enter submitted. */
+  ringWrites: number;
 }
 
 /**
  * Parse `strace -f` output. Calls interrupted by other threads appear as
  * "PID call(args <unfinished ...>" then "PID <... call resumed>rest"; they are joined and
  * placed where they completed (a write completes before the flush that depends on it starts).
+ *
+ * I/O on the process's io_uring shows only as io_uring_enter(ring fd, to_submit, ...) =
+ * number submitted: each submitted request counts as a write, and it went through O_DIRECT
+ * when every image descriptor open at that moment is O_DIRECT. (The workloads below only
+ * write, to an image the test just wrote, so no read reaches the ring.) A completion is
+ * delivered only after the kernel finished the write, so a sync that depends on it comes
+ * later in the log. fdatasync is never put on the ring: it stays a visible system call.
  */
 function parseStrace(log: string, image: string): Syscalls {
   const pending = new Map<string, string>();
   const fds = new Map<number, string>(); // image fds -> open flags
-  const out: Syscalls = { opens: [], events: '', writeDirect: [] };
+  const rings = new Set<number>();
+  const out: Syscalls = { opens: [], events: '', writeDirect: [], ringWrites: 0 };
   for (const raw of log.split('\n')) {
     const m = /^(\d+)\s+(.*)$/.exec(raw);
     if (!m) continue;
@@ -124,6 +135,21 @@ function parseStrace(log: string, image: string): Syscalls {
       continue;
     }
     const fd = Number(/^(\d+)/.exec(args)?.[1] ?? -1);
+    if (name === 'io_uring_setup') {
+      if (ret >= 0) rings.add(ret);
+      continue;
+    }
+    if (name === 'io_uring_enter') {
+      if (!rings.has(fd) || ret <= 0) continue;
+      const direct = fds.size > 0 && [...fds.values()].every((flags) => flags.includes('O_DIRECT'));
+      for (let i = 0; i < ret; i++) {
+        out.events += 'W';
+        out.writeDirect.push(direct);
+        out.ringWrites++;
+      }
+      continue;
+    }
+    if (name === 'close' && rings.has(fd)) rings.delete(fd);
     if (!fds.has(fd)) continue;
     // A refused call did nothing (pwritev2 with RWF_NOWAIT says EOPNOTSUPP on ext4 and tmpfs).
     if (ret < 0 && name !== 'close') continue;
@@ -156,8 +182,12 @@ const WORKLOADS: Array<{ name: string; commands: string[]; expect: Record<CacheM
   },
 ];
 
-test('syscalls: O_DIRECT and fdatasync placement per cache mode (strace)', async (t) => {
+for (const ring of [true, false]) test(`syscalls: O_DIRECT and fdatasync placement per cache mode (strace${ring ? '' : ', VDISK_NO_URING=1'})`, async (t) => {
   if (!needPeers(t, 'strace')) return;
+  // Default configuration: every write goes to the io_uring when the kernel allows one;
+  // VDISK_NO_URING=1: to the thread pool as pwrite64.
+  const env = ring ? process.env : { ...process.env, VDISK_NO_URING: '1' };
+  const expectRing = ring && uring() !== null;
   if (!fs.existsSync(path.join(path.dirname(VDISK_BIN), '..', 'dist', 'src', 'cli', 'commands', 'io.js'))) {
     assert.fail('vdisk io is not built');
   }
@@ -168,11 +198,10 @@ test('syscalls: O_DIRECT and fdatasync placement per cache mode (strace)', async
         const image = path.join(dir, `${mode}.raw`);
         fs.writeFileSync(image, Buffer.alloc(1 << 20));
         const log = path.join(dir, `${mode}.strace`);
-        const args = ['-f', '-e', 'trace=openat,close,pwrite64,pwritev,pwritev2,write,fdatasync,fsync,sync_file_range', '-o', log,
+        const args = ['-f', '-e', 'trace=openat,close,pwrite64,pwritev,pwritev2,write,fdatasync,fsync,sync_file_range,io_uring_setup,io_uring_enter', '-o', log,
           process.execPath, VDISK_BIN, 'io', '-f', 'raw', '-t', mode];
         for (const c of workload.commands) args.push('-c', c);
-        // strace cannot see I/O carried by an io_uring: O_DIRECT goes through the thread pool here.
-        const r = run('strace', [...args, image], { env: { ...process.env, VDISK_NO_URING: '1' } });
+        const r = run('strace', [...args, image], { env });
         assert.equal(r.status, 0, `${mode}: ${r.stderr}`);
         const sc = parseStrace(fs.readFileSync(log, 'utf8'), image);
         const what = `${mode}, ${workload.name}`;
@@ -184,6 +213,8 @@ test('syscalls: O_DIRECT and fdatasync placement per cache mode (strace)', async
         }
         assert.deepEqual(sc.writeDirect, sc.writeDirect.map(() => direct), `${what}: writes through O_DIRECT`);
         assert.equal(sc.events, workload.expect[mode], `${what}: writes (W) and syncs (S)`);
+        const writes = workload.expect[mode].replaceAll('S', '').length;
+        assert.equal(sc.ringWrites, expectRing ? writes : 0, `${what}: writes on the io_uring`);
         const bytes = fs.readFileSync(image);
         assert.ok(bytes.subarray(0, 65536).every((b) => b === 0xab) && bytes.subarray(65536, 131072).every((b) => b === 0xcd), `${what}: data`);
       }

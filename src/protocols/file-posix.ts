@@ -5,11 +5,16 @@
 // the kernel: no copies, no per-request buffers. First as a synchronous preadv2/pwritev2
 // with RWF_NOWAIT (native addon), which the kernel serves only from the page cache and
 // otherwise refuses with EAGAIN instead of waiting for the disk; the event loop is never
-// blocked on I/O, and a cache hit skips the round trip through libuv's thread pool, which
-// costs far more than copying 4 KiB. On EAGAIN, or for the part after a short count, the
-// request goes to fs.read/fs.write on the pool. A descriptor whose file system answers
-// EOPNOTSUPP (ext4 and tmpfs for writes, tmpfs for reads) stops trying. VDISK_NO_NOWAIT=1
-// turns the fast path off.
+// blocked on I/O, and a cache hit skips any round trip. On EAGAIN, or for the part after a
+// short count, the request goes to the process's io_uring (native addon; any memory will
+// do, and the ring keeps the Buffer alive until the kernel is done): page-cache writes
+// usually complete inside the submitting system call, and ext4 hands the rest to the
+// kernel's io-wq threads, either way cheaper than a hop through libuv's thread pool. Without
+// a ring (no addon, io_uring refused, VDISK_NO_URING=1, or the ring full) it goes to
+// fs.read/fs.write on the pool. A descriptor whose file system answers EOPNOTSUPP to NOWAIT
+// (ext4 and tmpfs for writes, tmpfs for reads) stops trying. VDISK_NO_NOWAIT=1 turns the
+// NOWAIT fast path off. fdatasync always stays a plain system call on the pool (visible to
+// strace, as the cache-mode tests require).
 //
 // O_DIRECT (cache.direct=on): the alignment is probed once at open (statx DIOALIGN, else
 // trial reads like QEMU's raw_probe_alignment) and reported as limits().requestAlignment,
@@ -119,7 +124,7 @@ export class FileDriver implements BlockDriver {
     this.caps = { fua: 'emulate', writeZeroes: zeroing, discard: zeroing };
     this.fixedLimits = Object.freeze({ requestAlignment: direct?.request ?? 1, maxTransfer: MAX_TRANSFER });
     this.nowaitReads = this.nowaitWrites = nowait !== null && direct === null;
-    this.ring = direct ? uring() : null;
+    this.ring = uring();
   }
 
   limits(): BlockLimits {
@@ -153,7 +158,7 @@ export class FileDriver implements BlockDriver {
     while (done < buf.length) {
       let n: number;
       try {
-        n = await read(this.fd, buf, done, buf.length - done, offset + done);
+        n = await this.bufferedSyscall(false, this.fd, buf, done, offset + done);
       } catch (err) {
         throw fromSystemError(err, `${this.filename}: read at ${offset + done}`);
       }
@@ -185,7 +190,7 @@ export class FileDriver implements BlockDriver {
   private async writeAll(fd: number, offset: number, buf: Buffer, done = 0): Promise<void> {
     while (done < buf.length) {
       try {
-        done += await write(fd, buf, done, buf.length - done, offset + done);
+        done += await this.bufferedSyscall(true, fd, buf, done, offset + done);
       } catch (err) {
         throw fromSystemError(err, `${this.filename}: write at ${offset + done}`);
       }
@@ -266,6 +271,19 @@ export class FileDriver implements BlockDriver {
     } finally {
       alignedPool.release(slot);
     }
+  }
+
+  /**
+   * One buffered read or write of buf[done..) at pos: on the ring (any memory will do; the
+   * ring's promise keeps the Buffer alive until the kernel is done with it), else on the pool.
+   */
+  private bufferedSyscall(isWrite: boolean, fd: number, buf: Buffer, done: number, pos: number): Promise<number> {
+    if (this.ring) {
+      const rest = done === 0 ? buf : buf.subarray(done);
+      const started = isWrite ? this.ring.write(fd, rest, pos) : this.ring.read(fd, rest, pos);
+      if (started) return started;
+    }
+    return isWrite ? write(fd, buf, done, buf.length - done, pos) : read(fd, buf, done, buf.length - done, pos);
   }
 
   /** One O_DIRECT read or write of slot[off, off+len) at pos: on the ring, else on the pool. */
@@ -471,7 +489,7 @@ export class FileDriver implements BlockDriver {
       const d = this.direct;
       notes.push(`cache: O_DIRECT, request alignment ${d.request}, memory alignment ${d.memory} (from ${d.source}); io_uring ${uringStatus()}`);
     } else {
-      notes.push(`cache: host page cache (no O_DIRECT); RWF_NOWAIT fast path ${nowaitStatus}`);
+      notes.push(`cache: host page cache (no O_DIRECT); RWF_NOWAIT fast path ${nowaitStatus}; io_uring ${uringStatus()}`);
     }
     return { notes };
   }
