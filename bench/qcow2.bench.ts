@@ -134,7 +134,7 @@ export async function run(): Promise<void> {
   rm(vOut);
 
   // bench: 4 KiB writes that allocate, into a fresh 2 GiB qcow2 each run
-  const writes = Number(process.env.VDISK_BENCH_QCOW2_WRITES ?? 2000);
+  const writes = Number(process.env.VDISK_BENCH_QCOW2_WRITES ?? 20000);
   const fresh = (f: string) => { rm(f); runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, '2G']); };
   const wargs = ['-w', '-t', 'writeback', '-d', '16', '-s', '4k', '-S', String(STEP), '-c', String(writes)];
   [q, v] = pair(ROUNDS,
