@@ -139,7 +139,7 @@ export class NbdConnection implements ReceiverHandler {
       this.handshakeTimer.unref();
     }
     socket.write(greeting());
-    socket.pipe(this.receiver);
+    if (ctx.tls || !readDirectly(socket, this.receiver)) socket.pipe(this.receiver);
   }
 
   get transmitting(): boolean {
@@ -826,6 +826,40 @@ export class NbdConnection implements ReceiverHandler {
     msg.copy(h, 26);
     this.send(h);
   }
+}
+
+/**
+ * Plain (non-TLS) connections read the socket the way net.Socket's `onread` option does: into
+ * buffers the receiver hands out, so the bulk of a WRITE payload goes from the kernel straight
+ * into its pool buffer in reads as large as the socket has queued, with no 64 KiB chunks, no
+ * copies and no stream machinery. net.Server offers no `onread` for accepted sockets, so the
+ * same three fields the constructor would set are set here, before the first read. Returns
+ * false (and changes nothing) when this Node does not have them; the caller pipes instead.
+ * Backpressure is the same contract: a held receiver answers false, which stops reading, and
+ * resume() starts it again.
+ */
+function readDirectly(socket: net.Socket, receiver: Receiver): boolean {
+  const handle = (socket as unknown as { _handle?: { useUserBuffer?: (b: Buffer) => void; reading?: boolean } })._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function') return false;
+  const sym = new Map<string | undefined, symbol>();
+  for (const s of Object.getOwnPropertySymbols(socket)) sym.set(s.description, s);
+  const kBuffer = sym.get('kBuffer');
+  const kBufferGen = sym.get('kBufferGen');
+  const kBufferCb = sym.get('kBufferCb');
+  if (!kBuffer || !kBufferGen || !kBufferCb) return false;
+  const fields = socket as unknown as Record<symbol, unknown>;
+  if (fields[kBuffer] !== null && fields[kBuffer] !== undefined) return false;
+  const resume = (): void => {
+    if (!socket.destroyed) socket.resume();
+  };
+  const first = receiver.nextReadBuffer();
+  fields[kBuffer] = first;
+  fields[kBufferGen] = () => receiver.nextReadBuffer();
+  fields[kBufferCb] = (n: number, buf: Buffer) => receiver.readInto(buf, n, resume);
+  handle.useUserBuffer(first);
+  // Flowing, so EOF still ends the socket ('end', then 'close') as it did through pipe().
+  socket.resume();
+  return true;
 }
 
 function addExtent(list: number[], length: number, flags: number): void {

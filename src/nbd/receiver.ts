@@ -65,6 +65,10 @@ const enum State {
 }
 
 const EMPTY = Buffer.alloc(0);
+/** Socket reads land here in direct mode, except the rest of a large WRITE payload. */
+const SCRATCH_SIZE = 64 * 1024;
+/** A WRITE payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_MIN = 16 * 1024;
 
 export class Receiver extends Writable {
   private state = State.ClientFlags;
@@ -89,6 +93,14 @@ export class Receiver extends Writable {
   /** The pool buffer payloadBuf was cut from (WRITE payloads spanning chunks). */
   private payloadPooled: Buffer | null = null;
   private skipping = false;
+
+  /**
+   * Direct mode (readInto/nextReadBuffer): the socket reads into buffers we hand it. The
+   * scratch buffer is reused for every read, so nothing may keep a view of it past parsing;
+   * directTarget is the rest of a payload buffer handed out for the next read.
+   */
+  private scratch: Buffer | null = null;
+  private directTarget: Buffer | null = null;
 
   constructor(private readonly handler: ReceiverHandler) {
     super({ highWaterMark: 64 * 1024, decodeStrings: false });
@@ -151,6 +163,53 @@ export class Receiver extends Writable {
     this.pos = 0;
     this.chunkCallback = callback;
     if (this.holds === 0) this.parse();
+  }
+
+  /**
+   * Direct mode: where the socket's next read should land. The rest of a large WRITE payload
+   * (no copy, no per-64-KiB read callbacks), else the scratch buffer (a fresh one when the
+   * current one still holds bytes not parsed because the receiver is held).
+   */
+  nextReadBuffer(): Buffer {
+    this.directTarget = null;
+    if (this.state === State.Payload && this.payloadPooled && this.pos >= this.chunk.length
+      && this.payloadLength - this.payloadDone >= DIRECT_MIN) {
+      this.directTarget = this.payloadBuf!.subarray(this.payloadDone, this.payloadLength);
+      return this.directTarget;
+    }
+    if (this.scratch === null || (this.pos < this.chunk.length && this.chunk.buffer === this.scratch.buffer)) {
+      this.scratch = Buffer.allocUnsafeSlow(SCRATCH_SIZE);
+    }
+    return this.scratch;
+  }
+
+  /**
+   * Direct mode: the socket read n bytes into buf (from nextReadBuffer). Returns false when
+   * the receiver is held with the read not fully consumed: stop reading until `resume` is
+   * called (the same contract as a Writable's chunk callback).
+   */
+  readInto(buf: Buffer, n: number, resume: () => void): boolean {
+    if (this.state === State.Stopped) return true;
+    if (buf === this.directTarget && this.state === State.Payload) {
+      this.directTarget = null;
+      this.chunk = EMPTY;
+      this.pos = 0;
+      this.payloadDone += n;
+      if (this.payloadDone === this.payloadLength) this.finishPayload();
+    } else {
+      this.directTarget = null;
+      this.chunk = n === buf.length ? buf : buf.subarray(0, n);
+      this.pos = 0;
+    }
+    let inCall = true;
+    let released = false;
+    this.chunkCallback = () => {
+      if (inCall) released = true;
+      else resume();
+    };
+    if (this.holds === 0) this.parse();
+    inCall = false;
+    return released || (this.state as State) === State.Stopped;
   }
 
   private parse(): void {
@@ -264,8 +323,9 @@ export class Receiver extends Writable {
     this.payloadBuf = null;
     this.payloadPooled = null;
     if (!skip && length > 0) {
-      // Zero copy when the whole payload is already in this chunk.
-      if (this.chunk.length - this.pos >= length) {
+      // Zero copy when the whole payload is already in this chunk (not a reused scratch buffer).
+      const reused = this.scratch !== null && this.chunk.buffer === this.scratch.buffer;
+      if (!reused && this.chunk.length - this.pos >= length) {
         this.payloadBuf = this.chunk.subarray(this.pos, this.pos + length);
         this.pos += length;
         this.payloadDone = length;
