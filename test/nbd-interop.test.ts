@@ -208,7 +208,7 @@ describe('fio nbd engine', () => {
       const ep: Endpoint = kind === 'unix' ? { socket: path.join(dir, 'nbd.sock') } : { port: await freePort() };
       await withServer(['-f', 'raw', img], ep, async () => {
         const r = await runPeer('fio', ['--name=verify', '--ioengine=nbd', `--uri=${nbdUri(ep)}`,
-          '--rw=randwrite', '--bs=4k', '--size=16m', '--verify=crc32c', '--iodepth=16',
+          '--rw=randwrite', '--bs=4k', '--size=16m', '--verify=crc32c', '--verify_state_save=0', '--iodepth=16',
           '--randseed=42', '--output-format=json'], { timeoutMs: 90_000 });
         assert.equal(r.status, 0, `fio failed: ${r.stderr}${r.stdout.slice(0, 3000)}`);
         const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{')));
