@@ -5,7 +5,7 @@ import { invalidArgument, unsupported } from '../../block/errors.js';
 import { openFile } from '../../protocols/file-posix.js';
 import { QCOW_MAGIC } from '../../formats/qcow2/constants.js';
 import { readHeader } from '../../formats/qcow2/header.js';
-import { readSnapshotTable, type SnapshotEntry } from '../../formats/qcow2/check.js';
+import { readSnapshots, type Qcow2Snapshot } from '../../formats/qcow2/snapshot.js';
 import { action } from '../common.js';
 
 /** QEMU's size_to_str: three significant digits, binary prefixes ("0 B", "1.5 KiB"). */
@@ -29,7 +29,7 @@ function formatG3(v: number): string {
 
 const pad2 = (n: number) => String(n).padStart(2, '0');
 
-function snapshotLine(sn: SnapshotEntry): string {
+function snapshotLine(sn: Qcow2Snapshot): string {
   const d = new Date(sn.dateSec * 1000);
   const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
   const secs = Math.floor(sn.vmClockNsec / 1e9);
@@ -69,7 +69,8 @@ export function register(program: Command): void {
         }
         if (!isQcow2) return; // raw has no snapshots: qemu-img prints nothing
         const h = await readHeader(file, filename);
-        const { entries } = await readSnapshotTable(file, h);
+        // The checker's lenient read, as this command has always used: problems are not reported.
+        const entries = await readSnapshots(file, h, filename, { onProblem: () => {} });
         if (entries.length === 0) return;
         let text = 'Snapshot list:\n';
         text += `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}\n`;

@@ -13,6 +13,7 @@ import type { BlockNode } from '../../block/node.js';
 import { VdiskError, corrupt } from '../../block/errors.js';
 import * as C from './constants.js';
 import { readHeader, serializeHeader, type Qcow2Header } from './header.js';
+import { readSnapshots, type Qcow2Snapshot } from './snapshot.js';
 
 export interface CheckFix {
   leaks: boolean;
@@ -31,21 +32,6 @@ export interface CheckResult {
   allocatedClusters: number;
   fragmentedClusters: number;
   compressedClusters: number;
-}
-
-export interface SnapshotEntry {
-  l1TableOffset: number;
-  l1Size: number;
-  id: string;
-  name: string;
-  dateSec: number;
-  dateNsec: number;
-  vmClockNsec: number;
-  vmStateSize: number;
-  /** From the extra data (version 3), else null. */
-  diskSize: number | null;
-  icount: number | null;
-  extraDataSize: number;
 }
 
 const BME_TABLE_ENTRY_SIZE = 8;
@@ -79,51 +65,6 @@ async function readAt(file: BlockNode, offset: number, buf: Buffer): Promise<voi
 async function writeAt(file: BlockNode, offset: number, buf: Buffer): Promise<void> {
   if (offset + buf.length > file.getLength()) await file.truncate(offset + buf.length);
   await file.pwrite(offset, buf);
-}
-
-/** Parse the snapshot table (spec: "Snapshots"); errors are check errors (QEMU returns -EFBIG/-EIO). */
-export async function readSnapshotTable(file: BlockNode, h: Qcow2Header, onCorrupt?: (msg: string) => void): Promise<{ entries: SnapshotEntry[]; size: number }> {
-  const entries: SnapshotEntry[] = [];
-  if (h.nbSnapshots === 0) return { entries, size: 0 };
-  let pos = h.snapshotsOffset;
-  const fixed = Buffer.alloc(C.QCOW2_SNAPSHOT_HEADER_SIZE);
-  for (let i = 0; i < h.nbSnapshots; i++) {
-    if (pos - h.snapshotsOffset > C.QCOW_MAX_SNAPSHOTS_SIZE) throw corrupt('Snapshot table is too big');
-    await readAt(file, pos, fixed);
-    pos += C.QCOW2_SNAPSHOT_HEADER_SIZE;
-    const idSize = fixed.readUInt16BE(12);
-    const nameSize = fixed.readUInt16BE(14);
-    const extraDataSize = fixed.readUInt32BE(36);
-    if (extraDataSize > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA) {
-      throw new VdiskError('EFBIG', 'corrupt-image', `Too much extra metadata in snapshot table entry ${i}`);
-    }
-    const extra = Buffer.alloc(extraDataSize);
-    await readAt(file, pos, extra);
-    pos += extraDataSize;
-    const idName = Buffer.alloc(idSize + nameSize);
-    await readAt(file, pos, idName);
-    pos += idSize + nameSize;
-    pos = Math.ceil(pos / 8) * 8;
-    const l1hi = fixed.readUInt32BE(0);
-    const l1lo = fixed.readUInt32BE(4);
-    if (h.version >= 3 && extraDataSize < C.QCOW2_SNAPSHOT_EXTRA_MIN_V3) {
-      onCorrupt?.(`ERROR Snapshot table entry ${i} is incomplete`);
-    }
-    entries.push({
-      l1TableOffset: l1hi * TWO_32 + l1lo,
-      l1Size: fixed.readUInt32BE(8),
-      id: idName.toString('utf8', 0, idSize),
-      name: idName.toString('utf8', idSize),
-      dateSec: fixed.readUInt32BE(16),
-      dateNsec: fixed.readUInt32BE(20),
-      vmClockNsec: Number(fixed.readBigUInt64BE(24)),
-      vmStateSize: extraDataSize >= 8 ? Number(extra.readBigUInt64BE(0)) : fixed.readUInt32BE(32),
-      diskSize: extraDataSize >= 16 ? Number(extra.readBigUInt64BE(8)) : null,
-      icount: extraDataSize >= 24 ? Number(extra.readBigInt64BE(16)) : null,
-      extraDataSize,
-    });
-  }
-  return { entries, size: pos - h.snapshotsOffset };
 }
 
 /** A growable array of computed reference counts, one per host cluster. */
@@ -235,7 +176,7 @@ class Checker {
   refs!: RefcountArray;
   nbClusters = 0;
   rebuild = false;
-  snapshots: SnapshotEntry[] = [];
+  snapshots: Qcow2Snapshot[] = [];
   snapshotsSize = 0;
 
   constructor(
@@ -697,15 +638,17 @@ export async function checkQcow2(file: BlockNode, filename: string, fix: CheckFi
 
   // Snapshot table first (QEMU's qcow2_check_read_snapshot_table): a broken table stops the check.
   const snapshotNotes: CheckResult = emptyResult();
-  const { entries, size } = await readSnapshotTable(file, h, (msg) => {
-    log(msg);
-    snapshotNotes.corruptions++;
+  const snapshots = await readSnapshots(file, h, filename, {
+    onProblem: (msg) => {
+      log(msg);
+      snapshotNotes.corruptions++;
+    },
   });
 
   const stored = new StoredRefcounts(file, h, await readReftable(file, h));
   const c = new Checker(file, h, stored, log);
-  c.snapshots = entries;
-  c.snapshotsSize = size;
+  c.snapshots = snapshots;
+  c.snapshotsSize = snapshots.reduce((n, sn) => n + sn.tableEntrySize, 0);
   c.refs = new RefcountArray(nbClusters);
   c.nbClusters = nbClusters;
   c.res.totalClusters = Math.ceil(Math.ceil(h.size / 512) * 512 / cs);

@@ -1,7 +1,8 @@
-// Internal snapshot table (spec: "Snapshots"). Read for `info`, for refcount repair and so
-// that writes copy-on-write clusters a snapshot shares. The table is bounded by QEMU's
-// limits (65536 snapshots, 64 MiB table, 1024 bytes of extra data each).
-import { corrupt } from '../../block/errors.js';
+// Internal snapshot table (spec: "Snapshots"). Read for `info` and `snapshot -l`, for
+// refcount repair, so that writes copy-on-write clusters a snapshot shares, and by `vdisk
+// check`. The table is bounded by QEMU's limits (65536 snapshots, 64 MiB table, 1024 bytes
+// of extra data each).
+import { VdiskError, corrupt } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import * as C from './constants.js';
 import type { Qcow2Header } from './header.js';
@@ -17,73 +18,96 @@ export interface Qcow2Snapshot {
   vmStateSize: number;
   /** From extra data (version 3 always has it; version 2 may not). */
   diskSize: number | null;
+  /** Signed on disk; QEMU takes a negative count (-1) to mean none. Null without the field. */
   icount: number | null;
   extraData: Buffer;
+  /** Bytes the entry takes in the table, padding included, from the on-disk id and name sizes. */
+  tableEntrySize: number;
 }
 
-function u64(buf: Buffer, pos: number, filename: string, what: string): number {
-  const v = buf.readBigUInt64BE(pos);
-  if (v > BigInt(C.QCOW2_MAX_SAFE_OFFSET)) throw corrupt(`${filename}: snapshot ${what} ${v} is beyond 2^53`);
-  return Number(v);
+export interface ReadSnapshotsOptions {
+  /**
+   * Read as QEMU's qcow2_check_read_snapshot_table does, for `vdisk check`: an incomplete
+   * entry is reported here and kept; only an oversized table or extra data stops the read
+   * (with QEMU's messages); the parts of the table past EOF read as zeros; L1 placement is
+   * left to the caller and values past 2^53 stay approximate. Without it, every problem throws.
+   */
+  onProblem?: (msg: string) => void;
 }
 
-/** Read and validate the snapshot table. */
-export async function readSnapshots(file: BlockNode, h: Qcow2Header, filename: string): Promise<Qcow2Snapshot[]> {
+/**
+ * Read the snapshot table. By default it is validated as the driver needs it (every problem
+ * throws `corrupt`); with `onProblem` it is read leniently for the checker.
+ */
+export async function readSnapshots(file: BlockNode, h: Qcow2Header, filename: string, opts: ReadSnapshotsOptions = {}): Promise<Qcow2Snapshot[]> {
+  const { onProblem } = opts;
   const out: Qcow2Snapshot[] = [];
   if (h.nbSnapshots === 0) return out;
   const cs = 2 ** h.clusterBits;
   const fileLen = file.getLength();
-  // Read in bounded chunks: the table's byte size is only known by walking it.
-  let pos = h.snapshotsOffset;
   const tableEnd = h.snapshotsOffset + C.QCOW_MAX_SNAPSHOTS_SIZE;
+  // Read in bounded chunks: the table's byte size is only known by walking it.
   const readAt = async (off: number, len: number): Promise<Buffer> => {
+    const b = Buffer.alloc(len);
+    if (onProblem) {
+      // Like QEMU's block layer, the part past EOF reads as zeros.
+      const n = Math.min(len, fileLen - off);
+      if (n > 0) await file.pread(off, b.subarray(0, n));
+      return b;
+    }
     if (off + len > tableEnd) {
       throw corrupt(`${filename}: snapshot table is larger than ${C.QCOW_MAX_SNAPSHOTS_SIZE} bytes (QCOW_MAX_SNAPSHOTS_SIZE)`);
     }
     if (off + len > fileLen) throw corrupt(`${filename}: snapshot table entry at ${off} runs past the end of the file`);
-    const b = Buffer.alloc(len);
     await file.pread(off, b);
     return b;
   };
+  // The checker takes offsets and sizes as they are (its own checks name the snapshot).
+  const u64 = (buf: Buffer, pos: number, what: string): number => {
+    const v = buf.readBigUInt64BE(pos);
+    if (!onProblem && v > BigInt(C.QCOW2_MAX_SAFE_OFFSET)) throw corrupt(`${filename}: snapshot ${what} ${v} is beyond 2^53`);
+    return Number(v);
+  };
+  let pos = h.snapshotsOffset;
   for (let i = 0; i < h.nbSnapshots; i++) {
+    if (onProblem && pos - h.snapshotsOffset > C.QCOW_MAX_SNAPSHOTS_SIZE) throw corrupt('Snapshot table is too big');
     const hd = await readAt(pos, C.QCOW2_SNAPSHOT_HEADER_SIZE);
-    const l1TableOffset = u64(hd, 0, filename, 'l1_table_offset');
+    const l1TableOffset = u64(hd, 0, 'l1_table_offset');
     const l1Size = hd.readUInt32BE(8);
     const idSize = hd.readUInt16BE(12);
     const nameSize = hd.readUInt16BE(14);
     const extraSize = hd.readUInt32BE(36);
     if (extraSize > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA) {
+      // QEMU's check fails with -EFBIG here.
+      if (onProblem) throw new VdiskError('EFBIG', 'corrupt-image', `Too much extra metadata in snapshot table entry ${i}`);
       throw corrupt(`${filename}: snapshot ${i} extra_data_size ${extraSize} is larger than ${C.QCOW_MAX_SNAPSHOT_EXTRA_DATA}`);
     }
-    if (l1Size > C.QCOW_MAX_L1_SIZE / C.L1E_SIZE) {
-      throw corrupt(`${filename}: snapshot ${i} l1_size ${l1Size} makes its L1 table larger than ${C.QCOW_MAX_L1_SIZE} bytes`);
+    if (!onProblem) {
+      if (l1Size > C.QCOW_MAX_L1_SIZE / C.L1E_SIZE) {
+        throw corrupt(`${filename}: snapshot ${i} l1_size ${l1Size} makes its L1 table larger than ${C.QCOW_MAX_L1_SIZE} bytes`);
+      }
+      if (l1TableOffset % cs !== 0) throw corrupt(`${filename}: snapshot ${i} L1 table offset ${l1TableOffset} is not cluster aligned`);
     }
-    if (l1TableOffset % cs !== 0) throw corrupt(`${filename}: snapshot ${i} L1 table offset ${l1TableOffset} is not cluster aligned`);
     const rest = await readAt(pos + C.QCOW2_SNAPSHOT_HEADER_SIZE, extraSize + idSize + nameSize);
     const extraData = Buffer.from(rest.subarray(0, extraSize));
     if (h.version >= 3 && extraSize < C.QCOW2_SNAPSHOT_EXTRA_MIN_V3) {
-      throw corrupt(`${filename}: snapshot ${i} extra_data_size ${extraSize} is smaller than ${C.QCOW2_SNAPSHOT_EXTRA_MIN_V3} (required in version 3)`);
+      if (onProblem) onProblem(`ERROR Snapshot table entry ${i} is incomplete`);
+      else throw corrupt(`${filename}: snapshot ${i} extra_data_size ${extraSize} is smaller than ${C.QCOW2_SNAPSHOT_EXTRA_MIN_V3} (required in version 3)`);
     }
-    let vmStateSize = hd.readUInt32BE(32);
-    let diskSize: number | null = null;
-    let icount: number | null = null;
-    if (extraSize >= 8) vmStateSize = u64(extraData, 0, filename, 'vm_state_size_large');
-    if (extraSize >= 16) diskSize = u64(extraData, 8, filename, 'disk_size');
-    if (extraSize >= 24) {
-      const ic = extraData.readBigInt64BE(16);
-      icount = ic < 0n ? null : Number(ic);
-    }
+    const vmStateSize = extraSize >= 8 ? u64(extraData, 0, 'vm_state_size_large') : hd.readUInt32BE(32);
+    const diskSize = extraSize >= 16 ? u64(extraData, 8, 'disk_size') : null;
+    const icount = extraSize >= 24 ? Number(extraData.readBigInt64BE(16)) : null;
+    const tableEntrySize = (C.QCOW2_SNAPSHOT_HEADER_SIZE + extraSize + idSize + nameSize + 7) & ~7;
     out.push({
       l1TableOffset, l1Size,
       id: rest.toString('utf8', extraSize, extraSize + idSize),
       name: rest.toString('utf8', extraSize + idSize, extraSize + idSize + nameSize),
       dateSec: hd.readUInt32BE(16),
       dateNsec: hd.readUInt32BE(20),
-      vmClockNsec: u64(hd, 24, filename, 'vm_clock_nsec'),
-      vmStateSize, diskSize, icount, extraData,
+      vmClockNsec: u64(hd, 24, 'vm_clock_nsec'),
+      vmStateSize, diskSize, icount, extraData, tableEntrySize,
     });
-    const entryLen = C.QCOW2_SNAPSHOT_HEADER_SIZE + extraSize + idSize + nameSize;
-    pos += (entryLen + 7) & ~7;
+    pos += tableEntrySize;
   }
   return out;
 }
@@ -100,7 +124,7 @@ export function snapshotTableSize(list: Qcow2Snapshot[]): number {
 /** qemu-img info --output=json's snapshot object. */
 export function snapshotInfo(s: Qcow2Snapshot): Record<string, unknown> {
   const o: Record<string, unknown> = {};
-  if (s.icount !== null) o.icount = s.icount;
+  if (s.icount !== null && s.icount >= 0) o.icount = s.icount;
   o['vm-clock-nsec'] = s.vmClockNsec % 1e9;
   o.name = s.name;
   o['date-sec'] = s.dateSec;
