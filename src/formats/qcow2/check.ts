@@ -13,7 +13,7 @@ import type { BlockNode } from '../../block/node.js';
 import { VdiskError, corrupt } from '../../block/errors.js';
 import * as C from './constants.js';
 import { readHeader, serializeHeader, type Qcow2Header } from './header.js';
-import { readSnapshots, type Qcow2Snapshot } from './snapshot.js';
+import { readSnapshots, snapshotTableSize, type Qcow2Snapshot } from './snapshot.js';
 
 export interface CheckFix {
   leaks: boolean;
@@ -648,7 +648,7 @@ export async function checkQcow2(file: BlockNode, filename: string, fix: CheckFi
   const stored = new StoredRefcounts(file, h, await readReftable(file, h));
   const c = new Checker(file, h, stored, log);
   c.snapshots = snapshots;
-  c.snapshotsSize = snapshots.reduce((n, sn) => n + sn.tableEntrySize, 0);
+  c.snapshotsSize = snapshotTableSize(snapshots);
   c.refs = new RefcountArray(nbClusters);
   c.nbClusters = nbClusters;
   c.res.totalClusters = Math.ceil(Math.ceil(h.size / 512) * 512 / cs);

@@ -114,11 +114,9 @@ export async function readSnapshots(file: BlockNode, h: Qcow2Header, filename: s
 
 /** Byte size of the snapshot table as laid out on disk (for refcounting its clusters). */
 export function snapshotTableSize(list: Qcow2Snapshot[]): number {
-  let n = 0;
-  for (const s of list) {
-    n += (C.QCOW2_SNAPSHOT_HEADER_SIZE + s.extraData.length + Buffer.byteLength(s.id) + Buffer.byteLength(s.name) + 7) & ~7;
-  }
-  return n;
+  // The sizes as read from disk: re-encoding a decoded id or name that was not valid UTF-8
+  // would give other byte counts, and refcount repair would count the wrong range.
+  return list.reduce((n, s) => n + s.tableEntrySize, 0);
 }
 
 /** qemu-img info --output=json's snapshot object. */
