@@ -28,12 +28,15 @@
  * request; uringFlush enters the kernel once for all queued ones (the JS side calls it once
  * per tick), which starts the I/O and returns, with the completions that are already there
  * (buffered I/O often completes inside the call; ext4 may also hand writes to the kernel's
- * io-wq threads). Later completions signal an eventfd that libuv polls; the poll callback copies every
- * completion as an (id, result) pair into `results` and calls onDone(count) once, with
- * results being bytes or -errno. At most `entries` requests are in flight (-EBUSY beyond),
- * so the completion queue (twice as big) can never overflow. The poll handle holds the
- * event loop open only while requests are in flight. Errors carry `.code` = the errno name (ENOSPC, EOPNOTSUPP, ...) like Node's
- * own fs errors, so JS maps them with the same table.
+ * io-wq threads). Later completions signal an eventfd that libuv polls (on Linux 6.1+ the
+ * ring defers completions to this thread, DEFER_TASKRUN, so the kernel never interrupts the
+ * event loop for them: the callback collects them with one io_uring_enter); the poll
+ * callback copies every completion as an (id, result) pair into `results` and calls
+ * onDone(count) once, with results being bytes or -errno. At most `entries` requests are in
+ * flight (-EBUSY beyond), so the completion queue (twice as big) can never overflow. Only the thread that set the ring up may use it (others get -ENXIO
+ * and use the thread pool). The poll handle holds the event loop open only while requests
+ * are in flight. Errors carry `.code` = the errno name (ENOSPC, EOPNOTSUPP, ...) like
+ * Node's own fs errors, so JS maps them with the same table.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -320,7 +323,8 @@ struct uring {
   unsigned entries;
   unsigned in_flight; /* queued or in the kernel: completions still to come */
   unsigned queued;    /* written to the submission queue, not yet entered */
-  unsigned *sq_tail, *sq_mask, *sq_array;
+  bool deferred;      /* IORING_SETUP_DEFER_TASKRUN: completions wait for our GETEVENTS */
+  unsigned *sq_tail, *sq_mask, *sq_array, *sq_flags;
   unsigned *cq_head, *cq_tail, *cq_mask;
   struct io_uring_sqe *sqes;
   struct io_uring_cqe *cqes;
@@ -353,6 +357,14 @@ static unsigned uring_reap(struct uring *u) {
   return n;
 }
 
+/* With DEFER_TASKRUN, completions are task work queued for this thread; they become CQEs
+ * only when it enters the kernel with GETEVENTS. min_complete 0: never waits. */
+static void uring_run_task_work(struct uring *u) {
+  if (!u->deferred) return;
+  while (syscall(__NR_io_uring_enter, u->ring_fd, 0, 0, IORING_ENTER_GETEVENTS, NULL, 0) < 0 && errno == EINTR) {
+  }
+}
+
 static void uring_poll_cb(uv_poll_t *handle, int status, int events) {
   (void)handle;
   (void)events;
@@ -363,7 +375,11 @@ static void uring_poll_cb(uv_poll_t *handle, int status, int events) {
   napi_env env = u->env;
   napi_handle_scope scope;
   napi_open_handle_scope(env, &scope);
-  for (;;) {
+  for (bool first = true;; first = false) {
+    /* The eventfd was cleared above, first: task work queued after that signals it again.
+     * After the first round (the JS callback's flush collected completions too), enter
+     * again only when the kernel flags more task work (IORING_SQ_TASKRUN). */
+    if (first || (__atomic_load_n(u->sq_flags, __ATOMIC_ACQUIRE) & IORING_SQ_TASKRUN)) uring_run_task_work(u);
     unsigned n = uring_reap(u);
     if (n == 0) break;
     napi_value cb, recv, arg, result;
@@ -408,11 +424,23 @@ static napi_value js_uring_setup(napi_env env, napi_callback_info info) {
     return NULL;
   }
   if (ring) return make_number(env, -EEXIST);
+  /* Completions as task work deferred to this thread (Linux 6.1+): the kernel does not
+   * interrupt the event loop (a signal-like wakeup, EINTR from epoll) for each one; the
+   * eventfd says there is work and the poll callback collects it with one io_uring_enter.
+   * Older kernels refuse the flags: then completions are posted as they come. */
   struct io_uring_params p;
   memset(&p, 0, sizeof p);
-  p.flags = IORING_SETUP_CQSIZE;
+  p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   p.cq_entries = 2 * entries;
+  bool deferred = true;
   int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (fd < 0 && errno == EINVAL) {
+    memset(&p, 0, sizeof p);
+    p.flags = IORING_SETUP_CQSIZE;
+    p.cq_entries = 2 * entries;
+    deferred = false;
+    fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  }
   if (fd < 0) return make_number(env, -errno);
   size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(unsigned);
   size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
@@ -439,10 +467,12 @@ static napi_value js_uring_setup(napi_env env, napi_callback_info info) {
   }
   u->ring_fd = fd;
   u->event_fd = efd;
+  u->deferred = deferred;
   u->entries = p.sq_entries;
   u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
   u->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
   u->sq_array = (unsigned *)(sq + p.sq_off.array);
+  u->sq_flags = (unsigned *)(sq + p.sq_off.flags);
   u->cq_head = (unsigned *)(cq + p.cq_off.head);
   u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
   u->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
@@ -480,7 +510,9 @@ static napi_value js_uring_submit(napi_env env, napi_callback_info info) {
     return NULL;
   }
   struct uring *u = ring;
-  if (!u) return make_number(env, -ENXIO);
+  /* Only the thread that set the ring up may use it (its callback runs there; and with
+   * SINGLE_ISSUER the kernel refuses other submitters): others use the thread pool. */
+  if (!u || u->env != env) return make_number(env, -ENXIO);
   if (u->in_flight >= u->entries) return make_number(env, -EBUSY);
   unsigned tail = *u->sq_tail;
   unsigned idx = tail & *u->sq_mask;
@@ -507,8 +539,11 @@ static napi_value js_uring_submit(napi_env env, napi_callback_info info) {
 static napi_value js_uring_flush(napi_env env, napi_callback_info info) {
   (void)info;
   struct uring *u = ring;
+  if (u && u->env != env) u = NULL;
+  /* GETEVENTS with min_complete 0 also collects deferred completions; it never waits. */
+  unsigned enter_flags = u && u->deferred ? IORING_ENTER_GETEVENTS : 0;
   while (u && u->queued > 0) {
-    long r = syscall(__NR_io_uring_enter, u->ring_fd, u->queued, 0, 0, NULL, 0);
+    long r = syscall(__NR_io_uring_enter, u->ring_fd, u->queued, 0, enter_flags, NULL, 0);
     if (r < 0 && errno == EINTR) continue;
     if (r <= 0) return make_number(env, r < 0 ? -errno : -EAGAIN);
     u->queued -= (unsigned)r;

@@ -59,6 +59,15 @@ export class AlignedPool {
     });
   }
 
+  /** A free slot now, or null when every slot is busy (then use acquire()). Saves a promise. */
+  tryAcquire(): Buffer | null {
+    this.ensureArena();
+    const slot = this.free.pop();
+    if (slot === undefined) return null;
+    this.inUse.add(slot);
+    return this.views[slot];
+  }
+
   /** Give a slot back; it goes straight to the longest waiter, if any. */
   release(buf: Buffer): void {
     const slot = this.slotOf(buf);

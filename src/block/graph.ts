@@ -9,9 +9,63 @@ import { VdiskError, invalidArgument, unsupported } from './errors.js';
 import { openFile, createFile } from '../protocols/file-posix.js';
 import { openNull, NULL_DEFAULT_SIZE } from '../protocols/null.js';
 import { rawFormat } from '../formats/raw.js';
-import { qcow2Format } from '../formats/qcow2/qcow2.js';
 
-export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat], [qcow2Format.name, qcow2Format]]);
+/**
+ * A format whose driver module is loaded on first use: start-up time counts in every command,
+ * and converting raw to raw need not load qcow2 (and its compression code). `mayMatch` is a
+ * cheap look at the probe bytes: when it says yes, probing loads the driver and asks it.
+ */
+interface LazyFormat extends FormatDriverFactory {
+  load(): Promise<FormatDriverFactory>;
+  mayMatch(head: Buffer): boolean;
+}
+
+function lazyFormat(name: string, createOptions: readonly string[], mayMatch: (head: Buffer) => boolean,
+  importer: () => Promise<FormatDriverFactory>): LazyFormat {
+  let real: FormatDriverFactory | null = null;
+  let loading: Promise<FormatDriverFactory> | null = null;
+  const load = (): Promise<FormatDriverFactory> => {
+    if (real) return Promise.resolve(real);
+    loading ??= importer().then((f) => (real = f), (err) => {
+      loading = null;
+      throw err;
+    });
+    return loading;
+  };
+  return {
+    name,
+    get createOptions() {
+      return real ? real.createOptions : createOptions;
+    },
+    probe: (head, filename) => (real ? real.probe(head, filename) : mayMatch(head) ? 100 : 0),
+    open: async (file, ctx) => (await load()).open(file, ctx),
+    create: async (file, ctx) => {
+      const f = await load();
+      if (!f.create) throw unsupported(`Format '${name}' does not support image creation`);
+      return f.create(file, ctx);
+    },
+    load,
+    mayMatch,
+  };
+}
+
+function isLazy(f: FormatDriverFactory): f is LazyFormat {
+  return typeof (f as Partial<LazyFormat>).load === 'function' && typeof (f as Partial<LazyFormat>).mayMatch === 'function';
+}
+
+/** The format's real driver factory (loading its module if it is lazy). */
+async function realFormat(f: FormatDriverFactory): Promise<FormatDriverFactory> {
+  return isLazy(f) ? f.load() : f;
+}
+
+const QCOW_MAGIC = 0x514649fb;
+const qcow2Lazy = lazyFormat('qcow2', [
+  'size', 'compat', 'backing_file', 'backing_fmt', 'cluster_size', 'preallocation',
+  'lazy_refcounts', 'refcount_bits', 'compression_type', 'extended_l2',
+], (head) => head.length >= 4 && head.readUInt32BE(0) === QCOW_MAGIC,
+async () => (await import('../formats/qcow2/qcow2.js')).qcow2Format);
+
+export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat], [qcow2Lazy.name, qcow2Lazy]]);
 
 export function registerFormat(f: FormatDriverFactory): void {
   formats.set(f.name, f);
@@ -62,7 +116,7 @@ async function openInChain(filename: string, opts: OpenOptions, chain: string[])
 export async function openFormatOn(file: BlockNode, filename: string, opts: OpenOptions = {}, chain: string[] = []): Promise<BlockNode> {
   const cache = opts.cache ?? CACHE_MODES.writeback;
   const readOnly = opts.readOnly ?? false;
-  const format = opts.format ? getFormat(opts.format) : await probeFormat(file, filename);
+  const format = opts.format ? await realFormat(getFormat(opts.format)) : await probeFormat(file, filename);
   const real = filename.startsWith('null-co:') ? filename : await fs.realpath(filename).catch(() => filename);
   const myChain = [...chain, real];
   const ctx: FormatOpenContext = {
@@ -106,7 +160,8 @@ export async function probeFormat(file: BlockNode, filename: string): Promise<Fo
   if (n > 0) await file.pread(0, head.subarray(0, n));
   let best: FormatDriverFactory = rawFormat;
   let bestScore = 0;
-  for (const f of formats.values()) {
+  for (const entry of formats.values()) {
+    const f = isLazy(entry) && entry.mayMatch(head) ? await entry.load() : entry;
     const score = f.probe(head, filename);
     if (score > bestScore) {
       best = f;
@@ -127,7 +182,7 @@ export interface CreateOptions {
 }
 
 export async function createImage(filename: string, c: CreateOptions): Promise<void> {
-  const format = getFormat(c.format);
+  const format = await realFormat(getFormat(c.format));
   if (!format.create) throw unsupported(`Format '${c.format}' does not support image creation`);
   const options = c.options ?? {};
   for (const key of Object.keys(options)) {
