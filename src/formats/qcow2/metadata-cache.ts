@@ -221,6 +221,11 @@ export class Mutex {
   private locked = false;
   private readonly waiters: Array<() => void> = [];
 
+  /** Someone holds the lock (or is being handed it): a metadata change may be half done. */
+  get held(): boolean {
+    return this.locked;
+  }
+
   async run<T>(fn: () => Promise<T>): Promise<T> {
     if (this.locked) await new Promise<void>((r) => this.waiters.push(r));
     else this.locked = true;

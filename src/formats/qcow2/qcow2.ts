@@ -6,13 +6,16 @@
 // register the guest clusters as in flight under the lock, write data (+COW) outside it,
 // then link the L2 entries under it (QEMU's QCowL2Meta): a later write, zero, discard or
 // compressed write touching a guest cluster in flight waits for it, so no two requests can
-// allocate or COW the same cluster.
+// allocate or COW the same cluster. When the lock is free no change is half done, so the
+// common cases (cached tables, nothing to wait for) map, reserve and link synchronously
+// without taking it; anything that must wait falls back to the locked path.
 //
 // Write ordering (crash consistency):
 //   data (+COW)        before the L2 entry pointing to it (L2 cache depends on a flush after COW)
 //   refcount increase  before the L2 entry (L2 cache depends on the refcount cache)
 //   L2 entry removal   before the refcount decrease (refcount cache depends on the L2 cache)
-//   new L2 table       written and flushed before the L1 entry; L1/refcount-table pointers last
+//   new L2 table       (zeros) and its refcount stable before the L1 entry; L1/refcount-table pointers last
+//                      (a new, empty table's L1 entry needs no barrier of its own: see newL2)
 // Lazy refcounts: the dirty bit is set with a stable write before the first metadata change;
 // refcounts are then written only on flush/eviction, and repaired on the next writable open.
 import type {
@@ -68,6 +71,14 @@ interface Segment {
 
 const MAX_TRANSFER = 8 << 20;
 
+/** An already settled promise: the answer of requests that finish without I/O. */
+const RESOLVED: Promise<void> = Promise.resolve();
+
+/** Big-endian 32-bit word at byte `p` as a signed int (a small integer for V8: no heap number). */
+function word(b: Buffer, p: number): number {
+  return (b[p] << 24) | (b[p + 1] << 16) | (b[p + 2] << 8) | b[p + 3];
+}
+
 export class Qcow2Driver implements BlockDriver {
   readonly driverName = 'qcow2';
   readonly children: { file: BlockNode; backing: BlockNode | null };
@@ -92,6 +103,7 @@ export class Qcow2Driver implements BlockDriver {
   private closed = false;
   /** Allocations whose data is being written outside the lock (QEMU's s->cluster_allocs). */
   private readonly inflight = new Set<InflightAlloc>();
+  private fixedLimits: BlockLimits | null = null;
 
   constructor(
     private readonly file: BlockNode,
@@ -159,7 +171,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   limits(): BlockLimits {
-    return { requestAlignment: 1, maxTransfer: MAX_TRANSFER, optimalTransfer: this.clusterSize };
+    // BlockNode asks on every request: one frozen object, no allocation.
+    return (this.fixedLimits ??= Object.freeze({ requestAlignment: 1, maxTransfer: MAX_TRANSFER, optimalTransfer: this.clusterSize }));
   }
 
   getLength(): number {
@@ -212,38 +225,66 @@ export class Qcow2Driver implements BlockDriver {
 
   // ---- reads ------------------------------------------------------------------------------
 
-  async pread(offset: number, buf: Buffer): Promise<void> {
-    // Fast path: the range lies in one L2 table that is cached, and maps to one kind of
-    // cluster (one host run). Mapping is synchronous, so it needs no lock: every metadata
-    // change is made whole between two awaits (as QEMU's qcow2_get_host_offset under s->lock).
-    const l1i = Math.floor(offset / this.l2Span);
+  /**
+   * Fast path: the range lies in one L2 table that is cached, and maps to one kind of
+   * cluster (one host run). Mapping is synchronous, so it needs no lock: every metadata
+   * change is made whole between two awaits (as QEMU's qcow2_get_host_offset under s->lock).
+   * Not an async function: a hole or zero cluster answers with an already settled promise
+   * and a data run hands back the file's own promise (no wrapper per request). Anything
+   * unusual (uncached table, compressed or corrupt entries, several runs) takes preadSlow.
+   */
+  pread(offset: number, buf: Buffer): Promise<void> {
+    const l2Span = this.l2Span;
+    const l1i = Math.floor(offset / l2Span);
     const end = offset + buf.length;
-    if (end <= (l1i + 1) * this.l2Span) {
-      const l2Off = this.dec.l1Offset(entryHi(this.l1, l1i), entryLo(this.l1, l1i), l1i);
-      if (l2Off === 0) return this.readBacking(offset, buf);
-      const l2 = this.l2Cache.peek(l2Off);
-      if (l2) {
-        const cs = this.clusterSize;
-        const ci = Math.floor(offset / cs);
-        const idx = ci % this.l2Entries;
-        const hi = entryHi(l2, idx);
-        const lo = entryLo(l2, idx);
-        const e = this.dec.decode(hi, lo, ci * cs);
-        if (e.kind === KIND_NORMAL) {
-          let runEnd = (ci + 1) * cs;
-          let next = e.host + cs;
-          for (let j = idx + 1; runEnd < end; j++, runEnd += cs, next += cs) {
-            const f = this.dec.decode(entryHi(l2, j), entryLo(l2, j), runEnd);
-            if (f.kind !== KIND_NORMAL || f.host !== next) break;
-          }
-          if (runEnd >= end) return this.file.pread(e.host + (offset - ci * cs), buf);
-        } else if (e.kind !== KIND_COMPRESSED && (ci + 1) * cs >= end) {
-          if (e.kind === KIND_UNALLOCATED) return this.readBacking(offset, buf);
-          buf.fill(0);
-          return;
-        }
+    if (end > (l1i + 1) * l2Span || l1i >= this.h.l1Size) return this.preadSlow(offset, buf);
+    const l1 = this.l1;
+    const l1hi = word(l1, l1i * 8) & C.OFFSET_MASK_HI;
+    const l1lo = word(l1, l1i * 8 + 4) & C.OFFSET_MASK_LO;
+    const cs = this.clusterSize;
+    if (l1hi === 0 && l1lo === 0) return this.readHole(offset, buf);
+    const l2Off = l1hi * 4294967296 + (l1lo >>> 0);
+    if (l1hi >= 0x200000 || l2Off % cs !== 0) return this.preadSlow(offset, buf);
+    const l2 = this.l2Cache.peek(l2Off);
+    if (l2 === null) return this.preadSlow(offset, buf);
+    const ci = Math.floor(offset / cs);
+    let p = (ci % this.l2Entries) * 8;
+    const hi = word(l2, p);
+    const lo = word(l2, p + 4);
+    if (hi & C.QCOW_OFLAG_COMPRESSED_HI) return this.preadSlow(offset, buf);
+    const hostHi = hi & C.OFFSET_MASK_HI;
+    const host = hostHi * 4294967296 + ((lo & C.OFFSET_MASK_LO) >>> 0);
+    if (hostHi >= 0x200000 || host % cs !== 0) return this.preadSlow(offset, buf);
+    let runEnd = (ci + 1) * cs;
+    if (host !== 0 && !(lo & C.QCOW_OFLAG_ZERO_LO)) {
+      // Data: extend over following clusters that continue the host run.
+      let next = host + cs;
+      while (runEnd < end) {
+        p += 8;
+        const h2 = word(l2, p);
+        const l2lo = word(l2, p + 4);
+        if (h2 & C.QCOW_OFLAG_COMPRESSED_HI || l2lo & C.QCOW_OFLAG_ZERO_LO) break;
+        if ((h2 & C.OFFSET_MASK_HI) * 4294967296 + ((l2lo & C.OFFSET_MASK_LO) >>> 0) !== next) break;
+        runEnd += cs;
+        next += cs;
       }
+      if (runEnd >= end) return this.file.pread(host + (offset - ci * cs), buf);
+      return this.preadSlow(offset, buf);
     }
+    if (runEnd < end) return this.preadSlow(offset, buf);
+    if (host === 0 && !(lo & C.QCOW_OFLAG_ZERO_LO)) return this.readHole(offset, buf);
+    buf.fill(0);
+    return RESOLVED;
+  }
+
+  /** Unallocated here: the backing file's bytes, or zeros (without an async frame). */
+  private readHole(offset: number, buf: Buffer): Promise<void> {
+    if (this.children.backing) return this.readBacking(offset, buf);
+    buf.fill(0);
+    return RESOLVED;
+  }
+
+  private async preadSlow(offset: number, buf: Buffer): Promise<void> {
     const segs = await this.lock.run(() => this.mapRange(offset, buf.length));
     await Promise.all(segs.map((s) => this.readSegment(s, buf.subarray(s.offset - offset, s.offset - offset + s.length))));
   }
@@ -351,12 +392,35 @@ export class Qcow2Driver implements BlockDriver {
     this.markedDirty = true;
   }
 
-  async pwrite(offset: number, buf: Buffer, flags: number): Promise<void> {
-    this.checkWritable();
-    if (flags & REQ_WRITE_COMPRESSED) return this.writeCompressed(offset, buf);
+  /** True when host bytes [host, host+length) touch a metadata cluster. */
+  private overlapsMetadata(host: number, length: number): boolean {
+    const first = Math.floor(host / this.clusterSize);
+    const last = Math.floor((host + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) if (this.metadataClusters.has(c)) return true;
+    return false;
+  }
+
+  /**
+   * Not an async function: the common cases hand back the file's promise or writeSlow's
+   * without a wrapper of their own; the rest (read-only, corrupt, compressed, a write onto
+   * metadata) take pwriteChecked, which rejects as before.
+   */
+  pwrite(offset: number, buf: Buffer, flags: number): Promise<void> {
+    if (this.readOnly || this.corruptReason || flags & REQ_WRITE_COMPRESSED) return this.pwriteChecked(offset, buf, flags);
     // Fast path without the lock: one cached L2 table, clusters ours alone (COPIED) and
     // contiguous on the host. The mapping is read synchronously, so it is one consistent
     // state, as under the lock; the data goes to the file outside it either way.
+    const host = this.ownedRun(offset, buf.length);
+    if (host >= 0) {
+      if (this.overlapsMetadata(host, buf.length)) return this.pwriteChecked(offset, buf, flags);
+      return this.file.pwrite(host, buf);
+    }
+    return this.writeSlow(offset, buf);
+  }
+
+  private async pwriteChecked(offset: number, buf: Buffer, flags: number): Promise<void> {
+    this.checkWritable();
+    if (flags & REQ_WRITE_COMPRESSED) return this.writeCompressed(offset, buf);
     const host = this.ownedRun(offset, buf.length);
     if (host >= 0) {
       await this.checkOverlap(host, buf.length);
@@ -401,7 +465,9 @@ export class Qcow2Driver implements BlockDriver {
     const end = offset + buf.length;
     let pos = offset;
     while (pos < end) {
-      const step = await this.lock.run(() => this.prepareWrite(pos, end));
+      // With the lock free, no metadata change is half done: plan synchronously when all
+      // it needs is at hand (as if under the lock, which nobody can take meanwhile).
+      const step = (!this.lock.held && this.prepareWriteSync(pos, end)) || await this.lock.run(() => this.prepareWrite(pos, end));
       if (step.kind === 'wait') {
         await step.until;
         continue;
@@ -442,6 +508,60 @@ export class Qcow2Driver implements BlockDriver {
       if (r) return r.value;
       await wait;
     }
+  }
+
+  /**
+   * prepareWrite() for the common cases, without waiting (lock free, caller does not take
+   * it): the L2 table ours and cached, refcount blocks cached, the file long enough, no
+   * dirty bit to set, no write onto metadata. Else null, with nothing changed.
+   */
+  private prepareWriteSync(pos: number, end: number): WriteStep | null {
+    const cs = this.clusterSize;
+    const ci = Math.floor(pos / cs);
+    if (this.needMarkDirty) return null;
+    const blocked = this.inflightOverlap(ci, ci + 1);
+    if (blocked) return { kind: 'wait', until: blocked.done };
+    const l1i = Math.floor(pos / this.l2Span);
+    const tableEnd = Math.min(end, (l1i + 1) * this.l2Span);
+    const l2Off = this.ownedL2(l1i);
+    if (l2Off === 0) return null;
+    const l2 = this.l2Cache.peek(l2Off);
+    if (l2 === null) return null;
+    const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * cs);
+    if (e.kind === KIND_NORMAL && e.copied) {
+      let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+      let nextHost = e.host + cs;
+      while (runEnd < tableEnd) {
+        const cj = runEnd / cs;
+        const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+        if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
+        runEnd = Math.min(tableEnd, runEnd + cs);
+        nextHost += cs;
+      }
+      const host = e.host + (pos - ci * cs);
+      if (this.overlapsMetadata(host, runEnd - pos)) return null;
+      return { kind: 'inplace', host, end: runEnd };
+    }
+    let limit = Infinity;
+    for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
+    const olds: L2Info[] = [e];
+    let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+    while (runEnd < tableEnd) {
+      const cj = runEnd / cs;
+      if (cj >= limit) break;
+      const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+      if (f.kind === KIND_NORMAL && f.copied) break;
+      olds.push(f);
+      runEnd = Math.min(tableEnd, runEnd + cs);
+    }
+    const k = olds.length;
+    const got = this.refcounts.tryAllocRun(k);
+    if (got === null) return null;
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => (resolve = r));
+    const entry: InflightAlloc = { first: ci, end: ci + k, done, resolve };
+    this.inflight.add(entry);
+    return { kind: 'alloc', l1i, first: ci, host: got.offset, fresh: got.fresh, olds, end: runEnd, entry };
   }
 
   /** Plan the next piece of a write starting at `pos` (lock held). */
@@ -535,6 +655,22 @@ export class Qcow2Driver implements BlockDriver {
       }).catch(() => {});
       throw err;
     }
+    if (!this.lock.held) {
+      // Lock free: link synchronously when nothing needs waiting for (see linkSync).
+      let linked = false;
+      try {
+        linked = this.linkSync(step, cow);
+      } catch (err) {
+        this.inflight.delete(step.entry);
+        step.entry.resolve();
+        throw err;
+      }
+      if (linked) {
+        this.inflight.delete(step.entry);
+        step.entry.resolve();
+        return;
+      }
+    }
     await this.lock.run(async () => {
       try {
         await this.linkAllocation(step, cow);
@@ -543,6 +679,35 @@ export class Qcow2Driver implements BlockDriver {
         step.entry.resolve();
       }
     });
+  }
+
+  /**
+   * linkAllocation() without waiting, for the common case (caller checked the lock is free):
+   * the L2 table ours and cached, its write-back already ordered after the refcounts (or
+   * lazy refcounts), and the replaced entries holding no host cluster (nothing to free).
+   * False, with nothing changed, when any of that does not hold.
+   */
+  private linkSync(step: AllocStep, cow: boolean): boolean {
+    if (!this.lazy && !this.l2Cache.dependsOnCache(this.refcounts.cache)) return false;
+    const l2Off = this.ownedL2(step.l1i);
+    if (l2Off === 0) return false;
+    const l2 = this.l2Cache.peek(l2Off);
+    if (l2 === null) return false;
+    const cs = this.clusterSize;
+    const k = step.olds.length;
+    for (let j = 0; j < k; j++) {
+      const idx = (step.first + j) % this.l2Entries;
+      const kind = this.dec.decode(entryHi(l2, idx), entryLo(l2, idx), (step.first + j) * cs).kind;
+      if (kind !== KIND_UNALLOCATED && kind !== KIND_ZERO_PLAIN) return false;
+    }
+    // The COW'd bytes were stable before; the L2 entry must not get ahead of them.
+    if (cow) this.l2Cache.setDependsOnFlush();
+    for (let j = 0; j < k; j++) {
+      const [hi, lo] = makeEntry(step.host + j * cs, true);
+      setEntry(l2, (step.first + j) % this.l2Entries, hi, lo);
+    }
+    this.l2Cache.markDirty(l2Off);
+    return true;
   }
 
   /** Point the L2 entries at the newly written clusters, then drop the old references (lock held). */
@@ -589,6 +754,7 @@ export class Qcow2Driver implements BlockDriver {
     const old = this.dec.l1Offset(hi, lo, l1i);
     if (old !== 0 && hi & C.QCOW_OFLAG_COPIED_HI) return old;
     await this.markDirty();
+    if (old === 0) return this.newL2(l1i);
     const fresh = await this.refcounts.alloc(1);
     const table = await this.l2Cache.getEmpty(fresh);
     try {
@@ -620,6 +786,30 @@ export class Qcow2Driver implements BlockDriver {
       }
     }
     return fresh;
+  }
+
+  /**
+   * A new, empty L2 table for L1 index `l1i` (nothing to copy). On disk an empty table is a
+   * cluster of zeros: a host cluster never used since open already is one, any other gets
+   * zeros written. One barrier makes that and the table's refcount stable; then the L1 entry
+   * is written without a barrier of its own: until it reaches the disk the table is merely
+   * leaked, and every later barrier (before any L2 or refcount write that could depend on
+   * it, and every guest flush) carries it. QEMU's l2_allocate flushes three times here.
+   */
+  private async newL2(l1i: number): Promise<number> {
+    const { offset, fresh } = await this.refcounts.allocRun(1, false);
+    await this.l2Cache.getEmpty(offset);
+    this.l2Cache.release(offset);
+    this.metadataClusters.add(offset / this.clusterSize);
+    if (!fresh) await this.file.pwrite(offset, Buffer.alloc(this.clusterSize));
+    await this.refcounts.cache.flush();
+    const [nhi, nlo] = makeEntry(offset, true);
+    const entry = Buffer.alloc(8);
+    entry.writeUInt32BE(nhi, 0);
+    entry.writeUInt32BE(nlo, 4);
+    await this.file.pwrite(this.h.l1TableOffset + l1i * 8, entry);
+    setEntry(this.l1, l1i, nhi, nlo);
+    return offset;
   }
 
   /** Drop the references an old L2 entry held (after the L2 change is in the cache). */
