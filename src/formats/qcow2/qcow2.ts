@@ -510,6 +510,39 @@ export class Qcow2Driver implements BlockDriver {
     }
   }
 
+  /** In place: the end of the run of owned clusters from `ci` whose host offsets follow `e`'s. */
+  private ownedRunEnd(l2: Buffer, ci: number, e: L2Info, tableEnd: number): number {
+    const cs = this.clusterSize;
+    let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+    let nextHost = e.host + cs;
+    while (runEnd < tableEnd) {
+      const cj = runEnd / cs;
+      const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+      if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
+      runEnd = Math.min(tableEnd, runEnd + cs);
+      nextHost += cs;
+    }
+    return runEnd;
+  }
+
+  /** Allocate: the run of clusters from `ci` that all need new host clusters, up to the next one in flight. */
+  private allocationRun(l2: Buffer, ci: number, e: L2Info, tableEnd: number): { olds: L2Info[]; runEnd: number } {
+    const cs = this.clusterSize;
+    let limit = Infinity;
+    for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
+    const olds: L2Info[] = [e];
+    let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+    while (runEnd < tableEnd) {
+      const cj = runEnd / cs;
+      if (cj >= limit) break;
+      const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+      if (f.kind === KIND_NORMAL && f.copied) break;
+      olds.push(f);
+      runEnd = Math.min(tableEnd, runEnd + cs);
+    }
+    return { olds, runEnd };
+  }
+
   /**
    * prepareWrite() for the common cases, without waiting (lock free, caller does not take
    * it): the L2 table ours and cached, refcount blocks cached, the file long enough, no
@@ -529,31 +562,12 @@ export class Qcow2Driver implements BlockDriver {
     if (l2 === null) return null;
     const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * cs);
     if (e.kind === KIND_NORMAL && e.copied) {
-      let runEnd = Math.min(tableEnd, (ci + 1) * cs);
-      let nextHost = e.host + cs;
-      while (runEnd < tableEnd) {
-        const cj = runEnd / cs;
-        const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-        if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
-        runEnd = Math.min(tableEnd, runEnd + cs);
-        nextHost += cs;
-      }
+      const runEnd = this.ownedRunEnd(l2, ci, e, tableEnd);
       const host = e.host + (pos - ci * cs);
       if (this.overlapsMetadata(host, runEnd - pos)) return null;
       return { kind: 'inplace', host, end: runEnd };
     }
-    let limit = Infinity;
-    for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
-    const olds: L2Info[] = [e];
-    let runEnd = Math.min(tableEnd, (ci + 1) * cs);
-    while (runEnd < tableEnd) {
-      const cj = runEnd / cs;
-      if (cj >= limit) break;
-      const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-      if (f.kind === KIND_NORMAL && f.copied) break;
-      olds.push(f);
-      runEnd = Math.min(tableEnd, runEnd + cs);
-    }
+    const { olds, runEnd } = this.allocationRun(l2, ci, e, tableEnd);
     const k = olds.length;
     const got = this.refcounts.tryAllocRun(k);
     if (got === null) return null;
@@ -577,33 +591,12 @@ export class Qcow2Driver implements BlockDriver {
     try {
       const e = this.dec.decode(entryHi(l2, ci % this.l2Entries), entryLo(l2, ci % this.l2Entries), ci * cs);
       if (e.kind === KIND_NORMAL && e.copied) {
-        // In place: extend over following owned clusters with contiguous host offsets.
-        let runEnd = Math.min(tableEnd, (ci + 1) * cs);
-        let nextHost = e.host + cs;
-        while (runEnd < tableEnd) {
-          const cj = runEnd / cs;
-          const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-          if (f.kind !== KIND_NORMAL || !f.copied || f.host !== nextHost) break;
-          runEnd = Math.min(tableEnd, runEnd + cs);
-          nextHost += cs;
-        }
+        const runEnd = this.ownedRunEnd(l2, ci, e, tableEnd);
         const host = e.host + (pos - ci * cs);
         await this.checkOverlap(host, runEnd - pos);
         return { kind: 'inplace', host, end: runEnd };
       }
-      // Allocate: a run of clusters that all need new host clusters, up to the next one in flight.
-      let limit = Infinity;
-      for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
-      const olds: L2Info[] = [e];
-      let runEnd = Math.min(tableEnd, (ci + 1) * cs);
-      while (runEnd < tableEnd) {
-        const cj = runEnd / cs;
-        if (cj >= limit) break;
-        const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
-        if (f.kind === KIND_NORMAL && f.copied) break;
-        olds.push(f);
-        runEnd = Math.min(tableEnd, runEnd + cs);
-      }
+      const { olds, runEnd } = this.allocationRun(l2, ci, e, tableEnd);
       if (this.needMarkDirty) await this.markDirty();
       const k = olds.length;
       const { offset: host, fresh } = this.refcounts.tryAllocRun(k) ?? await this.refcounts.allocRun(k, true);
