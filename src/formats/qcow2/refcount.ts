@@ -155,36 +155,47 @@ export class Refcounts {
    * Each refcount block is pinned once per run of lookups in it, not once per cluster.
    */
   private async findFree(n: number): Promise<number> {
-    let start = this.freeClusterIndex;
-    let run = 0;
-    while (run < n) {
-      const c = start + run;
-      const ti = Math.floor(c / this.entriesPerBlock);
-      const off = this.blockOffset(ti);
-      const blockEnd = (ti + 1) * this.entriesPerBlock;
+    const search = { start: this.freeClusterIndex, run: 0 };
+    while (search.run < n) {
+      const off = this.blockOffset(Math.floor((search.start + search.run) / this.entriesPerBlock));
       if (off === 0) {
-        // Clusters past the end of every existing refcount block are free: jump.
-        run = Math.min(n, blockEnd - start);
+        this.scanForFree(null, search, n);
       } else {
         const block = await this.cache.get(off);
         try {
-          for (let k = c; k < blockEnd && run < n; k++) {
-            if (getRefcountEntry(block, this.order, k - ti * this.entriesPerBlock) === 0) {
-              run++;
-            } else {
-              start = k + 1;
-              run = 0;
-            }
-          }
+          this.scanForFree(block, search, n);
         } finally {
           this.cache.release(off);
         }
       }
-      if ((start + run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) {
+      if ((search.start + search.run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) {
         throw new VdiskError('ENOSPC', 'io', `${this.filename}: no free cluster range of ${n} clusters below 2^53`);
       }
     }
-    return start;
+    return search.start;
+  }
+
+  /**
+   * One step of the free-run search: scan the refcount block that holds cluster
+   * start + run (null: no block there yet, so all its clusters are free), extending the run
+   * or restarting it after a used cluster.
+   */
+  private scanForFree(block: Buffer | null, search: { start: number; run: number }, n: number): void {
+    const c = search.start + search.run;
+    const ti = Math.floor(c / this.entriesPerBlock);
+    const blockEnd = (ti + 1) * this.entriesPerBlock;
+    if (block === null) {
+      search.run = Math.min(n, blockEnd - search.start);
+      return;
+    }
+    for (let k = c; k < blockEnd && search.run < n; k++) {
+      if (getRefcountEntry(block, this.order, k - ti * this.entriesPerBlock) === 0) {
+        search.run++;
+      } else {
+        search.start = k + 1;
+        search.run = 0;
+      }
+    }
   }
 
   /**
@@ -228,30 +239,19 @@ export class Refcounts {
 
   /** findFree() over cached refcount blocks only: -1 when it would have to read one. */
   private findFreeSync(n: number): number {
-    let start = this.freeClusterIndex;
-    let run = 0;
-    while (run < n) {
-      const c = start + run;
-      const ti = Math.floor(c / this.entriesPerBlock);
-      const off = this.blockOffset(ti);
-      const blockEnd = (ti + 1) * this.entriesPerBlock;
+    const search = { start: this.freeClusterIndex, run: 0 };
+    while (search.run < n) {
+      const off = this.blockOffset(Math.floor((search.start + search.run) / this.entriesPerBlock));
       if (off === 0) {
-        run = Math.min(n, blockEnd - start);
+        this.scanForFree(null, search, n);
       } else {
         const block = this.cache.peek(off);
         if (!block) return -1;
-        for (let k = c; k < blockEnd && run < n; k++) {
-          if (getRefcountEntry(block, this.order, k - ti * this.entriesPerBlock) === 0) {
-            run++;
-          } else {
-            start = k + 1;
-            run = 0;
-          }
-        }
+        this.scanForFree(block, search, n);
       }
-      if ((start + run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) return -1;
+      if ((search.start + search.run) * this.clusterSize > C.QCOW2_MAX_SAFE_OFFSET) return -1;
     }
-    return start;
+    return search.start;
   }
 
   /**
