@@ -89,7 +89,7 @@ export function register(program: Command): void {
     .option('-f, --format <fmt>', 'image format (probed when absent)')
     .option('--flush-interval <n>', 'flush after every N writes', '0')
     .option('--no-drain', 'flush without waiting for requests in flight')
-    .option('-n, --native', 'accepted for qemu-img compatibility (Node uses the libuv pool)')
+    .option('-n, --native', 'accepted for qemu-img compatibility (vdisk picks io_uring or the thread pool itself)')
     .option('-i, --aio <mode>', 'accepted for qemu-img compatibility')
     .option('-o, --offset <offset>', 'starting offset', '0')
     .option('--pattern <n>', 'byte written by write requests', '0')
