@@ -7,6 +7,7 @@
 // iovec arrays of QEMU's preadv/pwritev are not needed to split a request.
 
 import type { BlockNode } from './node.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 
 /** Request flags (bits). Each maps to an NBD command flag. */
 export const REQ_FUA = 1 << 0; //         NBD_CMD_FLAG_FUA: stable before the request completes
@@ -87,6 +88,26 @@ export interface BlockDriver {
   /** Drop everything this layer allocates so reads fall through to the backing (commit). */
   makeEmpty?(): Promise<void>;
   close(): Promise<void>;
+
+  // Persistent dirty bitmaps (qcow2's bitmaps extension). The in-memory bitmaps live on the
+  // BlockNode, which marks them on every write; the driver only loads and stores them.
+  /**
+   * The persistent bitmaps stored in the image, called once after open. On a writable open
+   * the driver marks them in use in the image before returning (so a crash leaves them
+   * visibly inconsistent); bitmaps already in use load with `inconsistent` set.
+   */
+  loadBitmaps?(): Promise<DirtyBitmap[]>;
+  /**
+   * Store exactly these persistent bitmaps and mark them not in use (clean close). Bitmaps
+   * the image holds that are not in the list are dropped from it. Inconsistent bitmaps stay
+   * in the image as they are. Called by BlockNode.close() before the final flush.
+   */
+  storeBitmaps?(bitmaps: readonly DirtyBitmap[]): Promise<void>;
+  /** Throws a VdiskError when a persistent bitmap of this name and granularity could not be stored. */
+  checkBitmapStorable?(name: string, granularity: number): void;
+  /** Remove one persistent bitmap from the image now (QMP block-dirty-bitmap-remove). */
+  removeStoredBitmap?(name: string): Promise<void>;
+
   /** Format-specific facts for `info` (qemu-img's "format-specific" data), and allocation size. */
   info?(): Promise<DriverInfo>;
 }

@@ -138,7 +138,16 @@ export async function openFormatOn(file: BlockNode, filename: string, opts: Open
     },
   };
   const driver = await format.open(file, ctx);
-  return new BlockNode(driver, { filename, readOnly, noFlush: cache.noFlush });
+  const node = new BlockNode(driver, { filename, readOnly, noFlush: cache.noFlush });
+  if (driver.loadBitmaps) {
+    try {
+      for (const b of await driver.loadBitmaps()) node.addBitmap(b);
+    } catch (err) {
+      await driver.close().catch(() => {});
+      throw err;
+    }
+  }
+  return node;
 }
 
 /** Backing names are file names: protocol prefixes and json: are refused. */

@@ -9,6 +9,7 @@ import {
   type BlockDriver, type ChainExtent, type Extent, type Preallocation,
 } from './driver.js';
 import { VdiskError, outOfBounds, readOnly as readOnlyError } from './errors.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 
 export interface NodeOptions {
   /** What the node is called in messages: usually the file name. */
@@ -46,6 +47,8 @@ export class BlockNode {
   private stickyFlushError: VdiskError | null = null;
   private readonly tracked = new Set<TrackedRequest>();
   private closed = false;
+  /** Dirty bitmaps attached to this node; every write, write-zeroes and discard marks the enabled ones. */
+  private readonly bitmaps = new Set<DirtyBitmap>();
 
   constructor(driver: BlockDriver, options: NodeOptions) {
     this.driver = driver;
@@ -111,10 +114,15 @@ export class BlockNode {
     this.checkRequest(offset, buf.length);
     if (buf.length > 0) {
       const align = this.driver.limits().requestAlignment;
-      if (align <= 1) {
-        await this.writeAligned(offset, buf, flags);
-      } else {
-        await this.writePadded(offset, buf, flags, align);
+      try {
+        if (align <= 1) {
+          await this.writeAligned(offset, buf, flags);
+        } else {
+          await this.writePadded(offset, buf, flags, align);
+        }
+      } finally {
+        // Marked even when the write failed: it may have changed the medium (QEMU does the same).
+        this.markDirty(offset, buf.length);
       }
     }
     await this.finishWrite(flags);
@@ -175,10 +183,14 @@ export class BlockNode {
       const tail = align > 1 ? (offset + length) % align : 0;
       const midStart = offset + head;
       const midLen = head === length ? 0 : length - head - tail;
-      // Partial blocks at either end become ordinary writes of zeros (through RMW).
-      if (head > 0) await this.emulateZeroes(offset, head, flags & ~REQ_FUA);
-      if (midLen > 0) await this.zeroAligned(midStart, midLen, flags);
-      if (tail > 0 && head !== length) await this.emulateZeroes(offset + length - tail, tail, flags & ~REQ_FUA);
+      try {
+        // Partial blocks at either end become ordinary writes of zeros (through RMW).
+        if (head > 0) await this.emulateZeroes(offset, head, flags & ~REQ_FUA);
+        if (midLen > 0) await this.zeroAligned(midStart, midLen, flags);
+        if (tail > 0 && head !== length) await this.emulateZeroes(offset + length - tail, tail, flags & ~REQ_FUA);
+      } finally {
+        this.markDirty(offset, length);
+      }
     }
     await this.finishWrite(flags);
   }
@@ -242,6 +254,7 @@ export class BlockNode {
         }
       }
     } finally {
+      this.markDirty(start, end - start);
       this.untrack(req);
     }
   }
@@ -252,11 +265,52 @@ export class BlockNode {
       throw new VdiskError('ENOTSUP', 'unsupported-feature', `${this.filename}: driver '${this.driver.driverName}' cannot resize`);
     }
     await this.drainWrites();
+    const oldLength = this.getLength();
     try {
       await this.driver.truncate(length, prealloc);
     } finally {
       this.writeGeneration++;
+      const newLength = this.getLength();
+      for (const b of this.bitmaps) b.resize(newLength);
+      // Growing exposes new content (zeros or a backing file's data): it is a change.
+      if (newLength > oldLength) this.markDirty(oldLength, newLength - oldLength);
     }
+  }
+
+  // ---- dirty bitmaps ------------------------------------------------------------------
+
+  /** Attach a bitmap (its size must be this node's length). */
+  addBitmap(bitmap: DirtyBitmap): void {
+    if (bitmap.name !== null && this.findBitmap(bitmap.name)) {
+      throw new VdiskError('EEXIST', 'invalid-argument', `Bitmap already exists: ${bitmap.name}`);
+    }
+    bitmap.resize(this.getLength());
+    this.bitmaps.add(bitmap);
+  }
+
+  removeBitmap(bitmap: DirtyBitmap): void {
+    this.bitmaps.delete(bitmap);
+  }
+
+  findBitmap(name: string): DirtyBitmap | undefined {
+    for (const b of this.bitmaps) if (b.name === name) return b;
+    return undefined;
+  }
+
+  /** Every attached bitmap, named and anonymous, in the order they were added. */
+  get dirtyBitmaps(): readonly DirtyBitmap[] {
+    return [...this.bitmaps];
+  }
+
+  private markDirty(offset: number, length: number): void {
+    if (this.bitmaps.size === 0 || length <= 0) return;
+    for (const b of this.bitmaps) if (b.enabled) b.set(offset, length);
+  }
+
+  /** Write the persistent bitmaps back into the image (qcow2: and mark them not in use). */
+  async storeBitmaps(): Promise<void> {
+    if (this.readOnly || !this.driver.storeBitmaps) return;
+    await this.driver.storeBitmaps([...this.bitmaps].filter((b) => b.persistent));
   }
 
   // ---- block status -------------------------------------------------------------------
@@ -354,6 +408,7 @@ export class BlockNode {
     let firstError: unknown = null;
     try {
       await this.drainWrites();
+      await this.storeBitmaps();
       await this.flush();
     } catch (err) {
       firstError = err;
