@@ -63,7 +63,7 @@ const qcow2Lazy = lazyFormat('qcow2', [
   'size', 'compat', 'backing_file', 'backing_fmt', 'cluster_size', 'preallocation',
   'lazy_refcounts', 'refcount_bits', 'compression_type', 'extended_l2',
 ], (head) => head.length >= 4 && head.readUInt32BE(0) === QCOW_MAGIC,
-async () => (await import('../formats/qcow2/qcow2.js')).qcow2Format);
+async () => (await import('../formats/qcow2/open.js')).qcow2Format);
 
 export const formats = new Map<string, FormatDriverFactory>([[rawFormat.name, rawFormat], [qcow2Lazy.name, qcow2Lazy]]);
 

@@ -8,7 +8,7 @@ import { parseSize } from '../../block/size.js';
 import * as C from './constants.js';
 import { type Qcow2Header, serializeHeader, sizeToL1 } from './header.js';
 import { setRefcountEntry } from './refcount.js';
-import { openQcow2 } from './qcow2.js';
+import { openQcow2 } from './open.js';
 
 function parseBool(v: string | undefined, name: string): boolean {
   if (v === undefined) return false;
