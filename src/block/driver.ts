@@ -1,13 +1,19 @@
-// The driver contract: the one interface every protocol driver (file, memory, null) and
-// format driver (raw, qcow2) implements. Drivers only do what their layer does; everything
-// generic (bounds, alignment padding, splitting, FUA emulation, zero emulation, flush order,
-// write generation, backing-chain walks) lives once in BlockNode (node.ts).
+// The driver contract, data path: the one interface every protocol driver (file, memory,
+// null), format driver (raw, qcow2) and filter (src/filters) implements. Drivers only do what
+// their layer does; everything generic (bounds, alignment padding, splitting, FUA emulation,
+// zero emulation, flush order, write generation, backing-chain walks) lives once in BlockNode
+// (node.ts). Image management (backing file reference, make-empty, info) is a separate
+// contract (image-management.ts) that filters pass down to their child.
 //
 // Buffers: a request carries one Buffer. Buffer.subarray() gives zero-copy views, so the
 // iovec arrays of QEMU's preadv/pwritev are not needed to split a request.
 
 import type { BlockNode } from './node.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
+import type { ChildEdge } from './edge.js';
+import type { ImageManagement } from './image-management.js';
+
+export type { DriverInfo, ImageManagement } from './image-management.js';
 
 /** Request flags (bits). Each maps to an NBD command flag. */
 export const REQ_FUA = 1 << 0; //         NBD_CMD_FLAG_FUA: stable before the request completes
@@ -61,13 +67,33 @@ export interface ChainExtent extends Extent {
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
 
-export interface BlockDriver {
+/**
+ * A driver's child edges by role. The edges are the driver's way to its children: it does
+ * its I/O through them (`this.children.file.pread(...)`), never through a node it kept, so
+ * a graph edit that moves the edge (graph-edit.ts) takes effect on the next request.
+ * `backing: null` says "this format can have a backing file, and has none open"; the
+ * property is writable so that graph-edit's setBacking can attach or drop one.
+ */
+export interface DriverChildren {
+  file?: ChildEdge;
+  backing?: ChildEdge | null;
+  filtered?: ChildEdge;
+}
+
+export interface BlockDriver extends ImageManagement {
   /** Driver name as QEMU spells it: 'file', 'host_device', 'memory', 'null-co', 'raw', 'qcow2'. */
   readonly driverName: string;
-  /** Named children (QEMU's "file" and "backing"), for flush recursion and chain walks. */
-  readonly children: { file?: BlockNode; backing?: BlockNode | null };
+  readonly children: DriverChildren;
+  /** A filter (QEMU's is_filter): one `filtered` child, same guest content; chain walks pass through. */
+  readonly isFilter?: boolean;
+  /**
+   * Read on every request. A driver whose answer depends on a child computes it from the
+   * child each time (a getter), never copies it at open: the child may be replaced.
+   */
   readonly caps: DriverCaps;
   limits(): BlockLimits;
+  /** A child edge was moved to another node (graph-edit.ts): drop whatever was derived from it. */
+  refreshLimits?(): void;
   getLength(): number;
 
   pread(offset: number, buf: Buffer): Promise<void>;
@@ -83,10 +109,6 @@ export interface BlockDriver {
   /** Make what reached this driver stable (fdatasync). Skipped when nothing was written. */
   flushToDisk?(): Promise<void>;
   truncate?(length: number, prealloc: Preallocation): Promise<void>;
-  /** Rewrite the backing file reference in the image header (rebase, commit). null removes it. */
-  changeBackingFile?(name: string | null, format: string | null): Promise<void>;
-  /** Drop everything this layer allocates so reads fall through to the backing (commit). */
-  makeEmpty?(): Promise<void>;
   close(): Promise<void>;
 
   // Persistent dirty bitmaps (qcow2's bitmaps extension). The in-memory bitmaps live on the
@@ -107,25 +129,6 @@ export interface BlockDriver {
   checkBitmapStorable?(name: string, granularity: number): void;
   /** Remove one persistent bitmap from the image now (QMP block-dirty-bitmap-remove). */
   removeStoredBitmap?(name: string): Promise<void>;
-
-  /** Format-specific facts for `info` (qemu-img's "format-specific" data), and allocation size. */
-  info?(): Promise<DriverInfo>;
-}
-
-export interface DriverInfo {
-  /** qemu-img's `format-specific` object, e.g. {type:'qcow2', data:{compat:'1.1', ...}}. */
-  formatSpecific?: { type: string; data: Record<string, unknown> };
-  /** For `info`: the backing file name as stored, and its format. */
-  backingFilename?: string;
-  backingFormat?: string;
-  fullBackingFilename?: string;
-  clusterSize?: number;
-  dirtyFlag?: boolean;
-  corrupt?: boolean;
-  /** Snapshots as qemu-img's JSON lists them. */
-  snapshots?: Array<Record<string, unknown>>;
-  /** Free-form lines for human output (e.g. "native addon: not loaded"). */
-  notes?: string[];
 }
 
 /** What a format driver gets when it is opened on top of its file node. */

@@ -3,13 +3,19 @@
 // so drivers never repeat: bounds checks, alignment padding by read-modify-write, splitting
 // at the driver's maximum transfer, FUA emulation, zero emulation, write generations and
 // the flush order.
+//
+// A node is also a vertex of the block graph: its driver's child edges (edge.ts) lead down,
+// `parents` lists the edges that lead to it (from nodes and BlockBackends). Front ends ask
+// the node, never its driver: `caps`, `limits` and the generations below answer for
+// whatever the graph is now, through filters (QEMU's bdrv_skip_filters).
 
 import {
   REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK,
-  type BlockDriver, type ChainExtent, type Extent, type Preallocation,
+  type BlockDriver, type BlockLimits, type ChainExtent, type DriverCaps, type DriverInfo, type Extent, type Preallocation,
 } from './driver.js';
-import { VdiskError, outOfBounds, readOnly as readOnlyError } from './errors.js';
+import { VdiskError, outOfBounds, readOnly as readOnlyError, unsupported } from './errors.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
+import { type ChildEdge, parentEdgeSet, parentsOf } from './edge.js';
 
 export interface NodeOptions {
   /** What the node is called in messages: usually the file name. */
@@ -41,6 +47,12 @@ export class BlockNode {
 
   /** Incremented when a write completes; a flush records the generation it made stable. */
   private writeGeneration = 0;
+  /** See `zeroGeneration` and `contentGeneration`. */
+  private zeroGen = 0;
+  private contentGen = 0;
+  /** Public requests running on this node (drained() waits for none). */
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
   private flushedGeneration = 0;
   private activeFlush: Promise<void> | null = null;
   /** Once fdatasync has failed, the kernel may have dropped dirty pages: never claim success again. */
@@ -55,25 +67,137 @@ export class BlockNode {
     this.filename = options.filename;
     this.readOnly = options.readOnly;
     this.noFlush = options.noFlush;
+    for (const edge of this.children) edge.attach(this);
+  }
+
+  // ---- the graph around this node -----------------------------------------------------
+
+  /** The driver's child edges that lead from this node (file or filtered first, then backing). */
+  get children(): ChildEdge[] {
+    const c = this.driver.children;
+    const out: ChildEdge[] = [];
+    for (const e of [c.filtered, c.file, c.backing]) if (e) out.push(e);
+    return out;
+  }
+
+  /** Edges that point at this node: from parent nodes and from BlockBackends. */
+  get parents(): ChildEdge[] {
+    return parentsOf(this);
   }
 
   get file(): BlockNode | undefined {
-    return this.driver.children.file;
+    return this.driver.children.file?.node;
   }
 
+  /** This node's own backing child (null: none open; undefined: the format has none). */
   get backing(): BlockNode | null | undefined {
-    return this.driver.children.backing;
+    const b = this.driver.children.backing;
+    return b === undefined ? undefined : b === null ? null : b.node;
   }
 
-  getLength(): number {
-    return this.driver.getLength();
+  /** A filter's child; undefined for anything that is not a filter. */
+  get filtered(): BlockNode | undefined {
+    return this.driver.isFilter ? this.driver.children.filtered?.node : undefined;
+  }
+
+  get isFilter(): boolean {
+    return this.driver.isFilter === true;
+  }
+
+  /** The first node at or below this one that is not a filter (QEMU's bdrv_skip_filters). */
+  skipFilters(): BlockNode {
+    let n: BlockNode = this;
+    for (let f = n.filtered; f; f = n.filtered) n = f;
+    return n;
+  }
+
+  /** The next image of the backing chain, filters skipped (QEMU's bdrv_backing_chain_next). */
+  backingChainNext(): BlockNode | null {
+    return this.skipFilters().backing?.skipFilters() ?? null;
   }
 
   /** The node that holds the bytes of this one all the way down (for messages and `info`). */
   get bottom(): BlockNode {
     let n: BlockNode = this;
-    while (n.file) n = n.file;
+    for (let next = n.filtered ?? n.file; next; next = n.filtered ?? n.file) n = next;
     return n;
+  }
+
+  /** Capabilities, asked of the driver now (a filter answers with its child's). */
+  get caps(): DriverCaps {
+    return this.driver.caps;
+  }
+
+  /** Request limits, asked of the driver now (a filter answers with its child's). */
+  get limits(): BlockLimits {
+    return this.driver.limits();
+  }
+
+  /**
+   * A child edge moved to another node: let the driver drop what it derived from the old
+   * child, then tell the parents, up to the BlockBackends (QEMU's bdrv_refresh_limits).
+   */
+  refreshLimits(): void {
+    this.driver.refreshLimits?.();
+    this.contentChanged(true);
+    const parents = parentEdgeSet(this);
+    if (parents) for (const e of parents) if (e.parent instanceof BlockNode) e.parent.refreshLimits();
+  }
+
+  /**
+   * Bumped before and after anything that may turn data into zeros or holes, in this node or
+   * any node below it: write-zeroes, discard, truncate, make-empty, a graph edit. A cache of
+   * "this range is data" (the NBD export's sparse-read cache) is valid while this is
+   * unchanged, whichever front end or job wrote (pattern 8 of STYLE-live-layer.md).
+   */
+  get zeroGeneration(): number {
+    return this.zeroGen;
+  }
+
+  /** Bumped by every change of what this node reads as (writes too), here or below. */
+  get contentGeneration(): number {
+    return this.contentGen;
+  }
+
+  /** Bump the generations here and in every node above (a DAG: a node may be bumped twice, harmlessly). */
+  private contentChanged(zeros: boolean): void {
+    this.contentGen++;
+    if (zeros) this.zeroGen++;
+    const parents = parentEdgeSet(this);
+    if (parents) for (const e of parents) if (e.parent instanceof BlockNode) e.parent.contentChanged(zeros);
+  }
+
+  // ---- requests in flight (drain) -----------------------------------------------------
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** Requests running on this node now. */
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** Resolves once no request is running on this node. */
+  waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private enter(): void {
+    this.inFlight++;
+  }
+
+  private leave(): void {
+    if (--this.inFlight === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  getLength(): number {
+    return this.driver.getLength();
   }
 
   // ---- reads --------------------------------------------------------------------------
@@ -81,6 +205,15 @@ export class BlockNode {
   async pread(offset: number, buf: Buffer): Promise<void> {
     this.checkRequest(offset, buf.length);
     if (buf.length === 0) return;
+    this.enter();
+    try {
+      await this.readPadded(offset, buf);
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async readPadded(offset: number, buf: Buffer): Promise<void> {
     const align = this.driver.limits().requestAlignment;
     if (align <= 1) return this.readAligned(offset, buf);
     const start = offset - (offset % align);
@@ -112,20 +245,26 @@ export class BlockNode {
   async pwrite(offset: number, buf: Buffer, flags = 0): Promise<void> {
     this.checkWritable();
     this.checkRequest(offset, buf.length);
-    if (buf.length > 0) {
-      const align = this.driver.limits().requestAlignment;
-      try {
-        if (align <= 1) {
-          await this.writeAligned(offset, buf, flags);
-        } else {
-          await this.writePadded(offset, buf, flags, align);
+    this.enter();
+    try {
+      if (buf.length > 0) {
+        const align = this.driver.limits().requestAlignment;
+        try {
+          if (align <= 1) {
+            await this.writeAligned(offset, buf, flags);
+          } else {
+            await this.writePadded(offset, buf, flags, align);
+          }
+        } finally {
+          // Marked even when the write failed: it may have changed the medium (QEMU does the same).
+          this.markDirty(offset, buf.length);
+          this.contentChanged(false);
         }
-      } finally {
-        // Marked even when the write failed: it may have changed the medium (QEMU does the same).
-        this.markDirty(offset, buf.length);
       }
+      await this.finishWrite(flags);
+    } finally {
+      this.leave();
     }
-    await this.finishWrite(flags);
   }
 
   /** Unaligned head or tail: read the partial blocks, merge, write whole blocks (RMW). */
@@ -177,6 +316,18 @@ export class BlockNode {
     if (cap !== 'native' && flags & REQ_NO_FALLBACK) {
       throw new VdiskError('ENOTSUP', 'unsupported-feature', `${this.filename}: fast zeroing not supported`);
     }
+    this.enter();
+    // Data may become zeros: forget what block status said, before and after.
+    this.contentChanged(true);
+    try {
+      await this.zeroPadded(offset, length, flags);
+    } finally {
+      this.contentChanged(true);
+      this.leave();
+    }
+  }
+
+  private async zeroPadded(offset: number, length: number, flags: number): Promise<void> {
     if (length > 0) {
       const align = this.driver.limits().requestAlignment;
       const head = align > 1 ? Math.min(length, (align - (offset % align)) % align) : 0;
@@ -244,6 +395,8 @@ export class BlockNode {
     const start = roundUp(offset, align);
     const end = offset + length === this.getLength() ? offset + length : offset + length - ((offset + length) % align);
     if (end <= start) return;
+    this.enter();
+    this.contentChanged(true);
     const req = await this.track(start, end, false);
     try {
       for (let pos = start; pos < end; pos += MAX_ZERO_RANGE) {
@@ -256,6 +409,8 @@ export class BlockNode {
     } finally {
       this.markDirty(start, end - start);
       this.untrack(req);
+      this.contentChanged(true);
+      this.leave();
     }
   }
 
@@ -264,17 +419,69 @@ export class BlockNode {
     if (!this.driver.truncate) {
       throw new VdiskError('ENOTSUP', 'unsupported-feature', `${this.filename}: driver '${this.driver.driverName}' cannot resize`);
     }
-    await this.drainWrites();
-    const oldLength = this.getLength();
+    this.enter();
+    this.contentChanged(true);
     try {
-      await this.driver.truncate(length, prealloc);
+      await this.drainWrites();
+      const oldLength = this.getLength();
+      try {
+        await this.driver.truncate(length, prealloc);
+      } finally {
+        this.writeGeneration++;
+        const newLength = this.getLength();
+        for (const b of this.bitmaps) b.resize(newLength);
+        // Growing exposes new content (zeros or a backing file's data): it is a change.
+        if (newLength > oldLength) this.markDirty(oldLength, newLength - oldLength);
+      }
     } finally {
-      this.writeGeneration++;
-      const newLength = this.getLength();
-      for (const b of this.bitmaps) b.resize(newLength);
-      // Growing exposes new content (zeros or a backing file's data): it is a change.
-      if (newLength > oldLength) this.markDirty(oldLength, newLength - oldLength);
+      this.contentChanged(true);
+      this.leave();
     }
+  }
+
+  // ---- image management (image-management.ts): a filter passes it to its child -------
+
+  /** The node whose driver does image management for this one: filters are skipped. */
+  private manager(op: 'changeBackingFile' | 'makeEmpty' | 'info'): BlockNode | null {
+    for (let n: BlockNode | undefined = this; n; n = n.filtered) {
+      if (n.driver[op]) return n;
+      if (!n.isFilter) return null;
+    }
+    return null;
+  }
+
+  get canChangeBackingFile(): boolean {
+    return this.manager('changeBackingFile') !== null;
+  }
+
+  /** Rewrite the backing file reference in the image header (the open graph is not changed). */
+  async changeBackingFile(name: string | null, format: string | null): Promise<void> {
+    const n = this.manager('changeBackingFile');
+    if (!n) throw unsupported(`${this.filename}: format '${this.skipFilters().driver.driverName}' has no backing file`);
+    this.checkWritable();
+    await n.driver.changeBackingFile!(name, format);
+  }
+
+  /** Drop everything this image allocates, so reads fall through to its backing (commit). */
+  async makeEmpty(): Promise<void> {
+    const n = this.manager('makeEmpty');
+    if (!n) throw unsupported(`${this.filename}: format '${this.skipFilters().driver.driverName}' cannot be emptied`);
+    this.checkWritable();
+    n.enter();
+    n.contentChanged(true);
+    try {
+      await n.driver.makeEmpty!();
+    } finally {
+      n.writeGeneration++;
+      n.contentChanged(true);
+      n.leave();
+    }
+  }
+
+  /** Format-specific facts (qemu-img info), from the first node below that is not a filter. */
+  async info(): Promise<DriverInfo> {
+    const n = this.manager('info');
+    return n ? n.driver.info!() : {};
   }
 
   // ---- dirty bitmaps ------------------------------------------------------------------
@@ -322,7 +529,13 @@ export class BlockNode {
     if (!this.driver.blockStatus) {
       return [{ offset, length, data: true, zero: false, allocated: true }];
     }
-    const raw = await this.driver.blockStatus(offset, length);
+    let raw: Extent[];
+    this.enter();
+    try {
+      raw = await this.driver.blockStatus(offset, length);
+    } finally {
+      this.leave();
+    }
     const out: Extent[] = [];
     let pos = offset;
     for (const e of raw) {
@@ -339,13 +552,19 @@ export class BlockNode {
   /**
    * Status through the backing chain (qemu-img map): ranges this layer does not allocate are
    * asked of the backing node, depth + 1. Ranges past a shorter backing file read as zeros
-   * and are reported at this layer's depth, as qemu-img map does.
+   * and are reported at this layer's depth, as qemu-img map does. Filters are passed
+   * through: they neither count as a layer nor hide the chain below them.
    */
   async blockStatusAbove(offset: number, length: number, depth = 0): Promise<ChainExtent[]> {
+    const image = this.skipFilters();
+    if (image !== this) {
+      this.checkRequest(offset, length);
+      return image.blockStatusAbove(offset, length, depth);
+    }
     const top = await this.blockStatus(offset, length);
     const out: ChainExtent[] = [];
     for (const e of top) {
-      const backing = this.backing;
+      const backing = this.backingChainNext();
       if (e.allocated || !backing) {
         out.push({ ...e, depth });
         continue;
@@ -376,6 +595,15 @@ export class BlockNode {
    */
   async flush(): Promise<void> {
     if (this.readOnly || this.closed) return;
+    this.enter();
+    try {
+      await this.flushLocked();
+    } finally {
+      this.leave();
+    }
+  }
+
+  private async flushLocked(): Promise<void> {
     const generation = this.writeGeneration;
     while (this.activeFlush) await this.activeFlush;
     let release!: () => void;
@@ -392,8 +620,8 @@ export class BlockNode {
           throw this.stickyFlushError;
         }
       }
-      for (const child of [this.driver.children.file, this.driver.children.backing]) {
-        if (child && !child.readOnly) await child.flush();
+      for (const edge of this.children) {
+        if (!edge.node.readOnly) await edge.node.flush();
       }
       this.flushedGeneration = generation;
     } finally {
@@ -402,11 +630,12 @@ export class BlockNode {
     }
   }
 
-  /** Flush (unless read-only), close the driver, then its children. Idempotent. */
+  /** Flush (unless read-only), close the driver, then the children no other parent uses. Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     let firstError: unknown = null;
     try {
+      await this.waitIdle();
       await this.drainWrites();
       await this.storeBitmaps();
       await this.flush();
@@ -419,9 +648,14 @@ export class BlockNode {
     } catch (err) {
       firstError ??= err;
     }
-    for (const child of [this.driver.children.file, this.driver.children.backing]) {
+    // Children go with their last parent: one still used elsewhere in the graph stays open.
+    for (const edge of this.children) {
+      if (edge.parent !== this) continue;
+      const child = edge.node;
+      edge.detach();
+      if (child.parents.length > 0) continue;
       try {
-        await child?.close();
+        await child.close();
       } catch (err) {
         firstError ??= err;
       }

@@ -12,9 +12,13 @@
 //   promises nothing about the flush.
 // FUA is reported as 'emulate', so the generic path turns a FUA write into write + flush and
 // the barrier shows up in the log, exactly as it does for the file protocol.
-import type { BlockDriver, BlockLimits, DriverCaps, Extent, Preallocation } from '../block/driver.js';
+//
+// Everything it does not record (reads, block status, caps, limits, length) is FilterDriver's
+// forwarding to the filtered child.
+import type { DriverCaps, Preallocation } from '../block/driver.js';
 import { VdiskError, type ErrorCode } from '../block/errors.js';
 import { BlockNode } from '../block/node.js';
+import { FilterDriver } from './filter.js';
 
 export type LogEntry =
   | { kind: 'write'; offset: number; data: Buffer }
@@ -43,10 +47,8 @@ export interface FaultInjectionOptions {
   record?: boolean;
 }
 
-export class FaultInjectionDriver implements BlockDriver {
+export class FaultInjectionDriver extends FilterDriver {
   readonly driverName = 'fault-injection';
-  readonly children: { file: BlockNode };
-  readonly caps: DriverCaps;
   readonly log: LogEntry[] = [];
   recording: boolean;
   private readonly faults: FaultRule[];
@@ -54,48 +56,37 @@ export class FaultInjectionDriver implements BlockDriver {
   /** Log indices of requests issued but not yet completed (a flush does not cover them). */
   private readonly inFlight = new Set<number>();
 
+  /** The child's caps with FUA emulated; rebuilt only when the child's answer changes. */
+  private derivedCaps: { from: DriverCaps; caps: DriverCaps } | null = null;
+
   constructor(file: BlockNode, opts: FaultInjectionOptions = {}) {
-    this.children = { file };
+    super(file);
     this.faults = opts.faults ?? [];
     this.recording = opts.record ?? true;
-    const fc = file.driver.caps;
-    this.caps = { fua: 'emulate', writeZeroes: fc.writeZeroes, discard: fc.discard };
   }
 
-  private get file(): BlockNode {
-    return this.children.file;
+  override get caps(): DriverCaps {
+    const fc = this.child.node.caps;
+    if (this.derivedCaps?.from !== fc) {
+      this.derivedCaps = { from: fc, caps: { fua: 'emulate', writeZeroes: fc.writeZeroes, discard: fc.discard } };
+    }
+    return this.derivedCaps.caps;
   }
 
-  limits(): BlockLimits {
-    return this.file.driver.limits();
+  override pwrite(offset: number, buf: Buffer, flags: number): Promise<void> {
+    return this.tracked('write', { kind: 'write', offset, data: Buffer.from(buf) }, () => super.pwrite(offset, buf, flags));
   }
 
-  getLength(): number {
-    return this.file.getLength();
+  override pwriteZeroes(offset: number, length: number, flags: number): Promise<void> {
+    return this.tracked('zero', { kind: 'zero', offset, length }, () => super.pwriteZeroes(offset, length, flags));
   }
 
-  pread(offset: number, buf: Buffer): Promise<void> {
-    return this.file.pread(offset, buf);
+  override pdiscard(offset: number, length: number): Promise<void> {
+    return this.tracked('discard', { kind: 'discard', offset, length }, () => super.pdiscard(offset, length));
   }
 
-  pwrite(offset: number, buf: Buffer, flags: number): Promise<void> {
-    return this.tracked('write', { kind: 'write', offset, data: Buffer.from(buf) }, () => this.file.pwrite(offset, buf, flags));
-  }
-
-  pwriteZeroes(offset: number, length: number, flags: number): Promise<void> {
-    return this.tracked('zero', { kind: 'zero', offset, length }, () => this.file.pwriteZeroes(offset, length, flags));
-  }
-
-  pdiscard(offset: number, length: number): Promise<void> {
-    return this.tracked('discard', { kind: 'discard', offset, length }, () => this.file.pdiscard(offset, length));
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.file.blockStatus(offset, length);
-  }
-
-  async truncate(length: number, prealloc: Preallocation): Promise<void> {
-    await this.file.truncate(length, prealloc);
+  override async truncate(length: number, prealloc: Preallocation): Promise<void> {
+    await super.truncate(length, prealloc);
     if (this.recording) this.log.push({ kind: 'truncate', length });
   }
 
@@ -103,11 +94,9 @@ export class FaultInjectionDriver implements BlockDriver {
     this.inject('flush');
     let covers = this.log.length;
     for (const i of this.inFlight) covers = Math.min(covers, i);
-    await this.file.flush();
+    await this.child.flush();
     if (this.recording) this.log.push({ kind: 'flush', covers });
   }
-
-  async close(): Promise<void> {}
 
   /** Forget what was recorded so far (e.g. after laying out the image). */
   clearLog(): void {

@@ -1,32 +1,39 @@
 // raw format: the image is the file, optionally a window [offset, offset+size) of it
 // (QEMU's raw driver options `offset` and `size`). Size is kept exactly: no 512-byte rounding.
+//
+// Not a filter (its child is `file`, so chain walks stop at the raw node, as `info` expects),
+// but like one it has no capabilities of its own: `caps` is derived from the file node's
+// answer each time it changes, never copied at open.
 import type {
-  BlockDriver, BlockLimits, Extent, FormatDriverFactory, FormatOpenContext, Preallocation,
+  BlockDriver, BlockLimits, DriverCaps, Extent, FormatDriverFactory, FormatOpenContext, Preallocation,
 } from '../block/driver.js';
+import { ChildEdge } from '../block/edge.js';
 import { invalidArgument, unsupported } from '../block/errors.js';
 import type { BlockNode } from '../block/node.js';
 import { parseSize } from '../block/size.js';
 
 export class RawDriver implements BlockDriver {
   readonly driverName = 'raw';
-  readonly children: { file: BlockNode };
-  readonly caps;
+  readonly children: { file: ChildEdge };
   private readonly hasWindow: boolean;
+  private derivedCaps: { from: DriverCaps; caps: DriverCaps } | null = null;
 
   constructor(file: BlockNode, private readonly offset: number, private size: number | null) {
-    this.children = { file };
+    this.children = { file: new ChildEdge('file', file) };
     this.hasWindow = offset !== 0 || size !== null;
-    const fc = file.driver.caps;
-    // Raw passes everything through, so it can do what its file can: natively.
-    this.caps = {
-      fua: 'native',
-      writeZeroes: fc.writeZeroes === 'none' ? 'none' : fc.writeZeroes,
-      discard: fc.discard,
-    } as const;
   }
 
-  private get file(): BlockNode {
+  private get file(): ChildEdge {
     return this.children.file;
+  }
+
+  /** Raw passes everything through, so it can do what its file can: FUA natively (the file node emulates it). */
+  get caps(): DriverCaps {
+    const fc = this.file.node.caps;
+    if (this.derivedCaps?.from !== fc) {
+      this.derivedCaps = { from: fc, caps: { fua: 'native', writeZeroes: fc.writeZeroes, discard: fc.discard } };
+    }
+    return this.derivedCaps.caps;
   }
 
   limits(): BlockLimits {

@@ -4,7 +4,7 @@
 // changes of write-zeroes, discard and make-empty. The locking and write-ordering rules these
 // follow are stated at the top of qcow2.ts; the driver's shared state is declared abstract
 // below and owned by Qcow2Driver.
-import type { BlockNode } from '../../block/node.js';
+import type { ChildEdge } from '../../block/edge.js';
 import { invalidArgument } from '../../block/errors.js';
 import * as C from './constants.js';
 import type { Qcow2Header } from './header.js';
@@ -41,10 +41,10 @@ type WriteStep = { kind: 'wait'; until: Promise<void> } | { kind: 'inplace'; hos
 
 export abstract class Qcow2Allocator {
   // ---- driver state this file reads and changes (QEMU's BDRVQcow2State) ----
-  protected abstract readonly file: BlockNode;
+  protected abstract readonly file: ChildEdge;
   abstract readonly h: Qcow2Header;
   protected abstract readonly filename: string;
-  abstract readonly children: { file: BlockNode; backing: BlockNode | null };
+  abstract readonly children: { file: ChildEdge; backing: ChildEdge | null };
   abstract readonly clusterSize: number;
   /** Guest bytes mapped by one L2 table. */
   protected abstract readonly l2Span: number;

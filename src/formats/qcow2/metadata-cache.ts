@@ -5,7 +5,7 @@
 // anything back, the cache it depends on is flushed (its tables written and the file child
 // flushed). `dependsOnFlush` asks only for the file flush (data before the L2 entry that
 // points to it, after a COW).
-import type { BlockNode } from '../../block/node.js';
+import type { BlockIo } from '../../block/edge.js';
 
 interface Entry {
   offset: number;
@@ -26,7 +26,7 @@ export class MetadataCache {
 
   constructor(
     readonly name: string,
-    private readonly file: BlockNode,
+    private readonly file: BlockIo,
     readonly tableSize: number,
     readonly capacity: number,
   ) {}

@@ -24,6 +24,7 @@ import type {
 import { REQ_MAY_UNMAP, REQ_WRITE_COMPRESSED } from '../../block/driver.js';
 import { VdiskError, corrupt, invalidArgument, readOnly as readOnlyError, unsupported } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
+import { ChildEdge } from '../../block/edge.js';
 import * as C from './constants.js';
 import { type Qcow2Header, serializeHeader, sizeToL1 } from './header.js';
 import { MetadataCache, Mutex } from './metadata-cache.js';
@@ -57,7 +58,9 @@ function word(b: Buffer, p: number): number {
 
 export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
   readonly driverName = 'qcow2';
-  readonly children: { file: BlockNode; backing: BlockNode | null };
+  readonly children: { file: ChildEdge; backing: ChildEdge | null };
+  /** I/O to the image file goes through the edge: a graph edit may move it. */
+  protected readonly file: ChildEdge;
   readonly caps: DriverCaps;
   readonly clusterSize: number;
   readonly clusterBits: number;
@@ -78,7 +81,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
   private fixedLimits: BlockLimits | null = null;
 
   constructor(
-    protected readonly file: BlockNode,
+    fileNode: BlockNode,
     readonly h: Qcow2Header,
     protected readonly filename: string,
     private readonly readOnly: boolean,
@@ -89,7 +92,8 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     cacheSizes: { l2: number; refcount: number },
   ) {
     super();
-    this.children = { file, backing };
+    const file = (this.file = new ChildEdge('file', fileNode));
+    this.children = { file, backing: backing && new ChildEdge('backing', backing) };
     this.clusterBits = h.clusterBits;
     this.clusterSize = 2 ** h.clusterBits;
     this.l2Entries = this.clusterSize / 8;

@@ -6,7 +6,7 @@
 // entry that points to it; a grown refcount table (with the blocks describing it) is written
 // and flushed before the header points to it; the old table is freed last.
 import { VdiskError, corrupt } from '../../block/errors.js';
-import type { BlockNode } from '../../block/node.js';
+import type { BlockIo } from '../../block/edge.js';
 import * as C from './constants.js';
 import { MetadataCache } from './metadata-cache.js';
 
@@ -75,7 +75,7 @@ export class Refcounts {
   growAhead = true;
 
   constructor(
-    private readonly file: BlockNode,
+    private readonly file: BlockIo,
     private readonly filename: string,
     readonly clusterBits: number,
     readonly order: number,
