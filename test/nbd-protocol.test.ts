@@ -11,6 +11,9 @@ import tls from 'node:tls';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { BlockBackend } from '../src/block/backend.js';
+import type { BlockDriver } from '../src/block/driver.js';
+import { VdiskError } from '../src/block/errors.js';
+import { BlockNode } from '../src/block/node.js';
 import { CACHE_MODES, type CacheOptions } from '../src/block/cache-mode.js';
 import { openImage } from '../src/block/graph.js';
 import { native } from '../src/native.js';
@@ -484,6 +487,44 @@ describe('transmission', () => {
     assert.equal(re.type, P.NBD_REPLY_TYPE_ERROR);
     assert.equal(re.payload.readUInt32BE(0), P.NBD_EINVAL);
     ro.destroy();
+  });
+
+  test('EOVERFLOW answers only a DF read and ENOTSUP only a FAST_ZERO write-zeroes; otherwise EINVAL', async () => {
+    // A driver failing reads with EOVERFLOW and writes and zeroing with ENOTSUP, as a driver
+    // below (an NBD client passing on a remote error) could. nbdkit's nbd_errno rule.
+    const fail = (code: 'EOVERFLOW' | 'ENOTSUP') => async (): Promise<never> => {
+      throw new VdiskError(code, 'io', `failing: ${code}`);
+    };
+    const driver: BlockDriver = {
+      driverName: 'failing', children: {}, caps: { fua: 'native', writeZeroes: 'native', discard: 'none' },
+      limits: () => ({ requestAlignment: 1, maxTransfer: 1 << 30 }), getLength: () => 1 * MiB,
+      pread: fail('EOVERFLOW'), pwrite: fail('ENOTSUP'), pwriteZeroes: fail('ENOTSUP'), close: async () => {},
+    };
+    const backend = new BlockBackend(new BlockNode(driver, { filename: 'failing', readOnly: false, noFlush: false }), CACHE_MODES.writeback);
+    const server = await startServer({ exports: [new NbdExport({ name: '', backend })], host: '127.0.0.1', port: 0 });
+    try {
+      const c = await RawClient.connect(server);
+      const { flags } = await go(c, '', { structured: true });
+      assert.ok(flags & P.NBD_FLAG_SEND_FAST_ZERO);
+      const cases: Array<[number, number, number]> = [
+        [P.NBD_CMD_READ, 0, P.NBD_EINVAL],
+        [P.NBD_CMD_READ, P.NBD_CMD_FLAG_DF, P.NBD_EOVERFLOW],
+        [P.NBD_CMD_WRITE_ZEROES, 0, P.NBD_EINVAL],
+        [P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLAG_FAST_ZERO, P.NBD_ENOTSUP],
+      ];
+      for (const [i, [type, flag, errno]] of cases.entries()) {
+        c.write(requestBytes(type, flag, i + 1, 0, 4096));
+        const [e] = await structuredReply(c);
+        assert.equal(e.type, P.NBD_REPLY_TYPE_ERROR);
+        assert.equal(e.payload.readUInt32BE(0), errno, `command ${type} flags ${flag}`);
+      }
+      c.write(requestBytes(P.NBD_CMD_WRITE, 0, 9, 0, 4, Buffer.from('abcd')));
+      const [w] = await structuredReply(c);
+      assert.equal(w.payload.readUInt32BE(0), P.NBD_EINVAL, 'ENOTSUP from a write');
+      c.destroy();
+    } finally {
+      await server.close();
+    }
   });
 
   test('pipelined requests are all answered, by handle, with the data written', async () => {

@@ -1,6 +1,6 @@
 // Option haggling helpers: parsing the option payloads the handshake understands and
-// building option replies. The state (TLS, structured replies, meta contexts) lives in the
-// connection; these functions only turn bytes into values and back.
+// building option replies. The state (TLS, structured replies, meta contexts) lives in
+// negotiation.ts; these functions only turn bytes into values and back.
 import {
   IHAVEOPT, META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH, NBDMAGIC, NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_DESCRIPTION, NBD_INFO_EXPORT, NBD_INFO_NAME,

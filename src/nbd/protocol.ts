@@ -128,15 +128,20 @@ export const NBD_MAX_BUFFER_SIZE = 32 * 1024 * 1024;
 /** Largest option the server will even skip over before calling it a denial of service. */
 export const NBD_MAX_OPTION_SIZE = 32 * 1024 * 1024;
 
-/** NBD error number for a stack error code (errors.ts); the protocol allows only a few. */
-export function nbdErrno(code: string | undefined): number {
+/**
+ * The NBD error for a failed request, decided once at the edge (as nbdkit's nbd_errno): the
+ * protocol allows only a few values, and two of them only to a request that asked for them
+ * with a flag: ENOTSUP to a FAST_ZERO write-zeroes that cannot be fast, EOVERFLOW to a DF
+ * read too large for one chunk. Without the flag they become EINVAL.
+ */
+export function nbdErrno(code: string | undefined, commandFlags = 0): number {
   switch (code) {
     case 'EPERM': case 'EROFS': case 'EACCES': return NBD_EPERM;
     case 'ENOMEM': return NBD_ENOMEM;
     case 'EINVAL': return NBD_EINVAL;
     case 'ENOSPC': case 'EFBIG': case 'EDQUOT': return NBD_ENOSPC;
-    case 'EOVERFLOW': return NBD_EOVERFLOW;
-    case 'ENOTSUP': case 'EOPNOTSUPP': return NBD_ENOTSUP;
+    case 'EOVERFLOW': return commandFlags & NBD_CMD_FLAG_DF ? NBD_EOVERFLOW : NBD_EINVAL;
+    case 'ENOTSUP': case 'EOPNOTSUPP': return commandFlags & NBD_CMD_FLAG_FAST_ZERO ? NBD_ENOTSUP : NBD_EINVAL;
     case 'ESHUTDOWN': return NBD_ESHUTDOWN;
     default: return NBD_EIO;
   }
