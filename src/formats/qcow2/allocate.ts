@@ -32,6 +32,12 @@ interface AllocStep {
   host: number;
   /** The host clusters read as zeros already. */
   fresh: boolean;
+  /**
+   * The host clusters are the guest clusters' own preallocated zero clusters (ZERO_ALLOC with
+   * COPIED), written in place as QEMU's handle_copied does: nothing was allocated, so nothing
+   * is given back on failure and the old entries' clusters are not freed when linking.
+   */
+  reused: boolean;
   olds: L2Info[];
   end: number;
   entry: InflightAlloc;
@@ -142,6 +148,27 @@ export abstract class Qcow2Allocator {
     return runEnd;
   }
 
+  /**
+   * Reuse: the run of preallocated zero clusters ours alone (ZERO_ALLOC, COPIED) from `ci`,
+   * contiguous on the host, up to the next cluster in flight.
+   */
+  private zeroAllocRun(l2: Buffer, ci: number, e: L2Info, tableEnd: number): { olds: L2Info[]; runEnd: number } {
+    const cs = this.clusterSize;
+    let limit = Infinity;
+    for (const a of this.inflight) if (a.first > ci && a.first < limit) limit = a.first;
+    const olds: L2Info[] = [e];
+    let runEnd = Math.min(tableEnd, (ci + 1) * cs);
+    while (runEnd < tableEnd) {
+      const cj = runEnd / cs;
+      if (cj >= limit) break;
+      const f = this.dec.decode(entryHi(l2, cj % this.l2Entries), entryLo(l2, cj % this.l2Entries), runEnd);
+      if (f.kind !== KIND_ZERO_ALLOC || !f.copied || f.host !== e.host + olds.length * cs) break;
+      olds.push(f);
+      runEnd = Math.min(tableEnd, runEnd + cs);
+    }
+    return { olds, runEnd };
+  }
+
   /** Allocate: the run of clusters from `ci` that all need new host clusters, up to the next one in flight. */
   private allocationRun(l2: Buffer, ci: number, e: L2Info, tableEnd: number): { olds: L2Info[]; runEnd: number } {
     const cs = this.clusterSize;
@@ -184,15 +211,25 @@ export abstract class Qcow2Allocator {
       if (this.overlapsMetadata(host, runEnd - pos)) return null;
       return { kind: 'inplace', host, end: runEnd };
     }
+    if (e.kind === KIND_ZERO_ALLOC && e.copied) {
+      const { olds, runEnd } = this.zeroAllocRun(l2, ci, e, tableEnd);
+      if (this.overlapsMetadata(e.host, olds.length * cs)) return null;
+      return this.reserve(l1i, ci, e.host, false, true, olds, runEnd);
+    }
     const { olds, runEnd } = this.allocationRun(l2, ci, e, tableEnd);
     const k = olds.length;
     const got = this.refcounts.tryAllocRun(k);
     if (got === null) return null;
+    return this.reserve(l1i, ci, got.offset, got.fresh, false, olds, runEnd);
+  }
+
+  /** Register guest clusters ci.. (olds.length of them) as in flight, to be written at `host`. */
+  private reserve(l1i: number, ci: number, host: number, fresh: boolean, reused: boolean, olds: L2Info[], end: number): AllocStep {
     let resolve!: () => void;
     const done = new Promise<void>((r) => (resolve = r));
-    const entry: InflightAlloc = { first: ci, end: ci + k, done, resolve };
+    const entry: InflightAlloc = { first: ci, end: ci + olds.length, done, resolve };
     this.inflight.add(entry);
-    return { kind: 'alloc', l1i, first: ci, host: got.offset, fresh: got.fresh, olds, end: runEnd, entry };
+    return { kind: 'alloc', l1i, first: ci, host, fresh, reused, olds, end, entry };
   }
 
   /** Plan the next piece of a write starting at `pos` (lock held). */
@@ -213,15 +250,17 @@ export abstract class Qcow2Allocator {
         await this.checkOverlap(host, runEnd - pos);
         return { kind: 'inplace', host, end: runEnd };
       }
+      if (e.kind === KIND_ZERO_ALLOC && e.copied) {
+        const { olds, runEnd } = this.zeroAllocRun(l2, ci, e, tableEnd);
+        await this.checkOverlap(e.host, olds.length * cs);
+        if (this.needMarkDirty) await this.markDirty();
+        return this.reserve(l1i, ci, e.host, false, true, olds, runEnd);
+      }
       const { olds, runEnd } = this.allocationRun(l2, ci, e, tableEnd);
       if (this.needMarkDirty) await this.markDirty();
       const k = olds.length;
       const { offset: host, fresh } = this.refcounts.tryAllocRun(k) ?? await this.refcounts.allocRun(k, true);
-      let resolve!: () => void;
-      const done = new Promise<void>((r) => (resolve = r));
-      const entry: InflightAlloc = { first: ci, end: ci + k, done, resolve };
-      this.inflight.add(entry);
-      return { kind: 'alloc', l1i, first: ci, host, fresh, olds, end: runEnd, entry };
+      return this.reserve(l1i, ci, host, fresh, false, olds, runEnd);
     } finally {
       this.l2Cache.release(l2Off);
     }
@@ -257,7 +296,7 @@ export abstract class Qcow2Allocator {
     } catch (err) {
       await this.lock.run(async () => {
         try {
-          await this.refcounts.update(step.host / cs, k, -1);
+          if (!step.reused) await this.refcounts.update(step.host / cs, k, -1);
         } finally {
           this.inflight.delete(step.entry);
           step.entry.resolve();
@@ -307,8 +346,8 @@ export abstract class Qcow2Allocator {
     const k = step.olds.length;
     for (let j = 0; j < k; j++) {
       const idx = (step.first + j) % this.l2Entries;
-      const kind = this.dec.decode(entryHi(l2, idx), entryLo(l2, idx), (step.first + j) * cs).kind;
-      if (kind !== KIND_UNALLOCATED && kind !== KIND_ZERO_PLAIN) return false;
+      const e = this.dec.decode(entryHi(l2, idx), entryLo(l2, idx), (step.first + j) * cs);
+      if (step.reused ? !this.isOwnHost(step, j, e) : e.kind !== KIND_UNALLOCATED && e.kind !== KIND_ZERO_PLAIN) return false;
     }
     // The COW'd bytes were stable before; the L2 entry must not get ahead of them.
     if (cow) this.l2Cache.setDependsOnFlush();
@@ -318,6 +357,11 @@ export abstract class Qcow2Allocator {
     }
     this.l2Cache.markDirty(l2Off);
     return true;
+  }
+
+  /** A reused step's cluster j still holds its own preallocated zero cluster (nothing to free). */
+  private isOwnHost(step: AllocStep, j: number, e: L2Info): boolean {
+    return step.reused && e.kind === KIND_ZERO_ALLOC && e.host === step.host + j * this.clusterSize;
   }
 
   /** Point the L2 entries at the newly written clusters, then drop the old references (lock held). */
@@ -342,7 +386,10 @@ export abstract class Qcow2Allocator {
     } finally {
       this.l2Cache.release(l2Off);
     }
-    for (const o of olds) if (o.kind !== KIND_UNALLOCATED && o.kind !== KIND_ZERO_PLAIN) await this.freeOld(o, false);
+    for (let j = 0; j < k; j++) {
+      const o = olds[j];
+      if (o.kind !== KIND_UNALLOCATED && o.kind !== KIND_ZERO_PLAIN && !this.isOwnHost(step, j, o)) await this.freeOld(o, false);
+    }
   }
 
   /** The L2 table offset for `l1i` when it exists and is ours alone (no allocation or copy needed), else 0. */

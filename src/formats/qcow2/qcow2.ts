@@ -441,17 +441,62 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     const end = offset + length;
     const a = Math.ceil(offset / cs) * cs;
     const b = end === this.h.size ? end : Math.floor(end / cs) * cs;
-    if (a >= b) {
-      await this.pwrite(offset, Buffer.alloc(length), 0);
-      return;
+    const unmap = (flags & REQ_MAY_UNMAP) !== 0;
+    const headEnd = Math.min(end, a);
+    if (offset < headEnd) await this.zeroPartialCluster(offset, headEnd - offset, unmap);
+    if (a < b) await this.lockedExclusive(a, b, () => this.zeroClusters(a, b, unmap, 'zero'));
+    const tailStart = Math.max(a, b);
+    if (tailStart < end) await this.zeroPartialCluster(tailStart, end - tailStart, unmap);
+  }
+
+  /**
+   * Zeros over part of one cluster (QEMU's qcow2_co_pwrite_zeroes with a head or tail): when
+   * the rest of the cluster already reads as zeros and the cluster holds no data here, the
+   * whole cluster becomes a zero cluster (no allocation); otherwise zeros are written as data.
+   */
+  private async zeroPartialCluster(offset: number, length: number, unmap: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    const start = Math.floor(offset / cs) * cs;
+    const end = offset + length;
+    const clusterEnd = Math.min(start + cs, this.h.size);
+    if (await this.readsAsZero(start, offset - start) && await this.readsAsZero(end, clusterEnd - end)) {
+      const done = await this.lockedExclusive(start, clusterEnd, async () => {
+        // A write may have come between: only a cluster without data here may become zero.
+        const [seg] = await this.mapRange(start, 1);
+        if (seg.kind !== KIND_UNALLOCATED && seg.kind !== KIND_ZERO_PLAIN && seg.kind !== KIND_ZERO_ALLOC) return false;
+        await this.zeroClusters(start, clusterEnd, unmap, 'zero');
+        return true;
+      });
+      if (done) return;
     }
-    if (offset < a) await this.pwrite(offset, Buffer.alloc(a - offset), 0);
-    await this.lockedExclusive(a, b, () => this.zeroClusters(a, b, (flags & REQ_MAY_UNMAP) !== 0, 'zero'));
-    if (b < end) await this.pwrite(b, Buffer.alloc(end - b), 0);
+    await this.pwrite(offset, Buffer.alloc(length), 0);
+  }
+
+  /** Guest bytes [offset, offset+length) read as zeros through the whole chain (QEMU's is_zero). */
+  private async readsAsZero(offset: number, length: number): Promise<boolean> {
+    if (length <= 0) return true;
+    const segs = await this.lock.run(() => this.mapRange(offset, length));
+    for (const s of segs) {
+      if (s.kind === KIND_ZERO_PLAIN || s.kind === KIND_ZERO_ALLOC) continue;
+      if (s.kind !== KIND_UNALLOCATED) return false;
+      const backing = this.children.backing;
+      if (!backing) {
+        if (this.h.backingFile !== null) return false; // not opened: unknown
+        continue;
+      }
+      const stop = Math.min(s.offset + s.length, backing.getLength());
+      if (stop <= s.offset) continue;
+      const below = await backing.node.blockStatusAbove(s.offset, stop - s.offset);
+      if (!below.every((e) => e.zero)) return false;
+    }
+    return true;
   }
 
   async pdiscard(offset: number, length: number): Promise<void> {
     this.checkWritable();
+    // Version 2 has no zero clusters: dropping a cluster would show the backing file's
+    // data instead of the guest's, so the discard does nothing (QEMU's qcow2_co_pdiscard).
+    if (this.h.version < 3 && (this.children.backing || this.h.backingFile !== null)) return;
     const cs = this.clusterSize;
     const end = offset + length;
     const a = Math.ceil(offset / cs) * cs;
@@ -576,9 +621,41 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     }
     await this.lock.run(async () => {
       if (needL1 > this.h.l1Size) await this.growL1(needL1);
-      await this.writeSize(length);
     });
     if (prealloc !== 'off') await this.preallocate(old, length, prealloc);
+    if (this.growExposesBacking(old)) await this.zeroGrownArea(old, length);
+    await this.lock.run(() => this.writeSize(length));
+  }
+
+  /**
+   * Growing past a backing file that is longer than the old size would show the backing
+   * file's bytes (or, after a shrink, a cut cluster's old bytes) in the new area. QEMU's
+   * bdrv_co_truncate then asks the driver for zeros (BDRV_REQ_ZERO_WRITE); without a longer
+   * backing file it does not, and neither do we (the tail of a cut cluster reads as before).
+   * As in QEMU, only an opened backing file counts (create grows the image without it).
+   */
+  private growExposesBacking(old: number): boolean {
+    const backing = this.children.backing;
+    return backing != null && backing.getLength() > old;
+  }
+
+  /**
+   * Make guest bytes [old, length) read as zeros before the header shows them (QEMU's
+   * qcow2_co_truncate with BDRV_REQ_ZERO_WRITE): zero clusters from the next cluster
+   * boundary (version 3 only: version 2 fails, as QEMU's "Failed to zero out new clusters"),
+   * explicit zeros for the rest of the old last cluster.
+   */
+  private async zeroGrownArea(old: number, length: number): Promise<void> {
+    const zeroStart = Math.ceil(old / this.clusterSize) * this.clusterSize;
+    if (length > zeroStart) {
+      if (this.h.version < 3) {
+        throw unsupported(`${this.filename}: Failed to zero out new clusters: Operation not supported (compat=0.10 has no zero clusters to hide the longer backing file)`);
+      }
+      await this.lockedExclusive(zeroStart, length, () => this.zeroClusters(zeroStart, length, false, 'zero'));
+    }
+    if (zeroStart > old) await this.pwrite(old, Buffer.alloc(Math.min(zeroStart, length) - old), 0);
+    // The zeros must be stable before the header's new size makes the area visible.
+    await this.flushToOs();
   }
 
   private async writeSize(length: number): Promise<void> {
