@@ -43,6 +43,9 @@ interface AllocStep {
   entry: InflightAlloc;
 }
 
+/** Freed clusters queued for punching before zero/discard flushes metadata on its own (64 GiB of 64 KiB clusters). */
+const MAX_QUEUED_DISCARDS = 1 << 20;
+
 type WriteStep = { kind: 'wait'; until: Promise<void> } | { kind: 'inplace'; host: number; end: number } | AllocStep;
 
 export abstract class Qcow2Allocator {
@@ -469,7 +472,10 @@ export abstract class Qcow2Allocator {
     return offset;
   }
 
-  /** Drop the references an old L2 entry held (after the L2 change is in the cache). */
+  /**
+   * Drop the references an old L2 entry held (after the L2 change is in the cache).
+   * `discardBelow`: queue the clusters this frees for punching once the change is on disk.
+   */
   private async freeOld(e: L2Info, discardBelow: boolean): Promise<void> {
     let freed: number[] = [];
     if (e.kind === KIND_NORMAL || e.kind === KIND_ZERO_ALLOC) {
@@ -481,9 +487,19 @@ export abstract class Qcow2Allocator {
       const last = Math.floor((e.host + e.csize - 1) / this.clusterSize);
       freed = await this.refcounts.update(first, last - first + 1, -1);
     }
-    if (discardBelow) {
-      for (const c of freed) await this.file.pdiscard(c * this.clusterSize, this.clusterSize).catch(() => {});
-    }
+    if (discardBelow && freed.length) this.refcounts.queueDiscards(freed);
+  }
+
+  /**
+   * Write every dirty L2 table, then every dirty refcount block (QEMU's qcow2_write_caches;
+   * each cache flush ends with a file flush), and only then punch the clusters that this
+   * metadata frees (QEMU's qcow2_process_discards). Lock held: no allocation can take a
+   * queued cluster while it is being punched.
+   */
+  protected async writeMetadata(): Promise<void> {
+    await this.l2Cache.flush();
+    await this.refcounts.cache.flush();
+    await this.refcounts.processDiscards();
   }
 
   protected async linkDependency(): Promise<void> {
@@ -595,5 +611,7 @@ export abstract class Qcow2Allocator {
       }
       for (const o of olds) await this.freeOld(o, true);
     }
+    // Bound the queue's memory: a long discard makes its metadata stable and punches now.
+    if (this.refcounts.pendingDiscards > MAX_QUEUED_DISCARDS) await this.writeMetadata();
   }
 }

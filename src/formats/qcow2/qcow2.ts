@@ -531,11 +531,8 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
 
   async flushToOs(): Promise<void> {
     if (this.readOnly) return;
-    await this.lock.run(async () => {
-      // QEMU's qcow2_write_caches: L2 tables (after the refcounts they depend on), then refcounts.
-      await this.l2Cache.flush();
-      await this.refcounts.cache.flush();
-    });
+    // L2 tables (after the refcounts they depend on), refcounts, then queued discards.
+    await this.lock.run(() => this.writeMetadata());
   }
 
   async close(): Promise<void> {
@@ -543,8 +540,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     this.closed = true;
     if (this.readOnly || this.corruptReason) return;
     await this.lock.run(async () => {
-      await this.l2Cache.flush();
-      await this.refcounts.cache.flush();
+      await this.writeMetadata();
       if (this.markedDirty) {
         // Clean shutdown of a lazy-refcounts image: everything is on disk, clear the dirty bit.
         this.h.incompatibleFeatures &= ~C.QCOW2_INCOMPAT_DIRTY;
@@ -608,8 +604,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
       await this.lockedExclusive(0, old, async () => {
         const a = Math.ceil(length / this.clusterSize) * this.clusterSize;
         if (a < old) await this.zeroClusters(a, old, true, 'full');
-        await this.l2Cache.flush();
-        await this.refcounts.cache.flush();
+        await this.writeMetadata();
         await this.writeSize(length);
       });
       return;

@@ -73,6 +73,13 @@ export class Refcounts {
   private knownZeroFrom: number;
   /** Grow the file ahead of data allocations (off for files that cannot be truncated cheaply). */
   growAhead = true;
+  /**
+   * Freed clusters whose space is to be given back to the file system (QEMU's s->discards).
+   * They are punched only by processDiscards(), which the driver calls once the metadata
+   * that frees them is on disk: punched earlier, a crash could leave an L2 entry on disk
+   * pointing at a hole. A queued cluster that is allocated again leaves the queue.
+   */
+  private readonly discards = new Set<number>();
 
   constructor(
     private readonly file: BlockIo,
@@ -230,6 +237,7 @@ export class Refcounts {
       this.cache.markDirty(off);
     }
     if (this.freeClusterIndex <= start) this.freeClusterIndex = start + n;
+    if (this.discards.size) this.claim(start, n);
     const offset = start * this.clusterSize;
     const fresh = offset >= this.knownZeroFrom;
     if (end > this.knownZeroFrom) this.knownZeroFrom = end;
@@ -307,6 +315,7 @@ export class Refcounts {
     await this.ensureFileSize(off + this.clusterSize);
     const block = await this.cache.getEmpty(off);
     if (own) setRefcountEntry(block, this.order, c % this.entriesPerBlock, 1);
+    if (this.discards.size) this.claim(c, 1);
     this.cache.release(off);
     // The block (and the refcount of its cluster) must be on disk before the table points to it.
     await this.cache.flush();
@@ -438,6 +447,42 @@ export class Refcounts {
         this.cache.release(off);
       }
     }
+    if (delta > 0 && this.discards.size) this.claim(start, n);
     return freed;
+  }
+
+  /** Queue freed clusters for processDiscards(). */
+  queueDiscards(clusters: readonly number[]): void {
+    for (const c of clusters) this.discards.add(c);
+  }
+
+  get pendingDiscards(): number {
+    return this.discards.size;
+  }
+
+  /** Clusters [start, start+n) are in use again: punching them now would lose their data. */
+  private claim(start: number, n: number): void {
+    if (n > this.discards.size) {
+      for (const c of this.discards) if (c >= start && c < start + n) this.discards.delete(c);
+    } else {
+      for (let c = start; c < start + n; c++) this.discards.delete(c);
+    }
+  }
+
+  /**
+   * Punch the queued clusters, merged into runs (QEMU's qcow2_process_discards). The caller
+   * has made the metadata that freed them stable. Discard is advisory: errors are ignored.
+   */
+  async processDiscards(): Promise<void> {
+    if (this.discards.size === 0) return;
+    const list = [...this.discards].sort((a, b) => a - b);
+    this.discards.clear();
+    let i = 0;
+    while (i < list.length) {
+      let j = i + 1;
+      while (j < list.length && list[j] === list[j - 1] + 1) j++;
+      await this.file.pdiscard(list[i] * this.clusterSize, (j - i) * this.clusterSize).catch(() => {});
+      i = j;
+    }
   }
 }
