@@ -327,22 +327,26 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
 
   private checkWritable(): void {
     if (this.readOnly) throw readOnlyError(`${this.filename}: image is opened read-only`);
-    if (this.corruptReason) throw corrupt(`${this.filename}: image is marked corrupt (${this.corruptReason}); refusing to write`);
+    if (this.corruptReason) throw corrupt(`${this.filename}: corruption found (${this.corruptReason}); refusing to write`);
   }
 
-  /** Mark the image corrupt on disk (QEMU's qcow2_signal_corruption) and refuse further writes. */
+  /**
+   * Mark the image corrupt on disk (QEMU's qcow2_signal_corruption) and refuse further writes
+   * in this session either way. The message says whether the corrupt bit really reached the
+   * disk: when its write or flush fails, a later open would not know.
+   */
   private async signalCorruption(reason: string): Promise<never> {
     this.corruptReason = reason;
-    if (!this.readOnly) {
-      this.h.incompatibleFeatures |= C.QCOW2_INCOMPAT_CORRUPT;
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(this.h.incompatibleFeatures);
-      try {
-        await this.file.pwrite(C.HDR_INCOMPATIBLE_FEATURES, b);
-        await this.file.flush();
-      } catch {
-        // the error below is what matters
-      }
+    if (this.readOnly) throw corrupt(`${this.filename}: ${reason}`);
+    this.h.incompatibleFeatures |= C.QCOW2_INCOMPAT_CORRUPT;
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.h.incompatibleFeatures);
+    try {
+      await this.file.pwrite(C.HDR_INCOMPATIBLE_FEATURES, b);
+      await this.file.flush();
+    } catch (err) {
+      const why = err instanceof VdiskError ? `${err.code}: ${err.message}` : String(err);
+      throw corrupt(`${this.filename}: ${reason}; writes refused, but marking the image corrupt on disk failed (${why})`);
     }
     throw corrupt(`${this.filename}: ${reason}; image marked corrupt`);
   }
@@ -708,7 +712,9 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
           }
           if (todo.length === 0) return;
           const host = await this.refcounts.alloc(todo.length);
-          if (mode === 'full') await this.file.pwriteZeroes(host, todo.length * cs);
+          // falloc and full give the data clusters blocks in the file (QEMU grows the file with
+          // that preallocation mode); the allocation above only made the file long enough.
+          if (mode === 'full' || mode === 'falloc') await this.file.pwriteZeroes(host, todo.length * cs);
           await this.linkDependency();
           todo.forEach((idx, j) => {
             const [hi, lo] = makeEntry(host + j * cs, true);
