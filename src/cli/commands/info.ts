@@ -6,6 +6,7 @@ import { openImage } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { formatSize } from '../../block/size.js';
 import { action, collectKeyValues, outputFormat, printJson } from '../common.js';
+import { snapshotListing, snapshotRowFromJson } from './snapshot.js';
 
 export interface ImageInfo {
   json: Record<string, unknown>;
@@ -60,7 +61,7 @@ export function printHuman(i: ImageInfo): void {
   const snaps = j.snapshots as Array<Record<string, number | string>> | undefined;
   if (snaps && snaps.length > 0) {
     lines.push('Snapshot list:');
-    lines.push(...snapshotTable(snaps));
+    lines.push(...snapshotListing(snaps.map(snapshotRowFromJson)));
   }
   const fsd = j['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fsd) {
@@ -72,22 +73,6 @@ export function printHuman(i: ImageInfo): void {
     for (const n of i.notes) lines.push(`    ${n}`);
   }
   process.stdout.write(lines.join('\n') + '\n');
-}
-
-/** qemu-img's snapshot table (ID, TAG, VM SIZE, DATE, VM CLOCK, ICOUNT). */
-export function snapshotTable(snaps: Array<Record<string, number | string>>): string[] {
-  const out = [`${'ID'.padEnd(10)}${'TAG'.padEnd(18)}${'VM SIZE'.padStart(7)}${'DATE'.padStart(24)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`];
-  for (const s of snaps) {
-    const d = new Date(Number(s['date-sec']) * 1000);
-    const p2 = (n: number) => String(n).padStart(2, '0');
-    const date = `${d.getFullYear()}-${p2(d.getMonth() + 1)}-${p2(d.getDate())} ${p2(d.getHours())}:${p2(d.getMinutes())}:${p2(d.getSeconds())}`;
-    const clockNs = Number(s['vm-clock-sec']) * 1e9 + Number(s['vm-clock-nsec']);
-    const secs = Math.floor(clockNs / 1e9);
-    const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor((clockNs % 1e9) / 1e6)).padStart(3, '0')}`;
-    const icount = s.icount !== undefined ? String(s.icount) : '--';
-    out.push(`${String(s.id).padEnd(10)}${String(s.name).padEnd(18)}${formatSize(Number(s['vm-state-size'])).padStart(7)}${date.padStart(24)}${clock.padStart(13)}${icount.padStart(11)}`);
-  }
-  return out;
 }
 
 export function register(program: Command): void {

@@ -1,7 +1,11 @@
-// vdisk snapshot -l [-f FMT] FILE: list the internal snapshot table as qemu-img does.
-// Creating, applying and deleting internal snapshots (-c/-a/-d) is not implemented yet.
+// vdisk snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] FILE: internal snapshots as
+// qemu-img snapshot handles them: the same table, messages and exit codes. -c, -a and -d go
+// through the qcow2 driver's snapshot API (createSnapshot, applySnapshot, deleteSnapshot).
+import os from 'node:os';
 import type { Command } from 'commander';
-import { invalidArgument, unsupported } from '../../block/errors.js';
+import { VdiskError, invalidArgument } from '../../block/errors.js';
+import { openImage } from '../../block/graph.js';
+import type { Qcow2Driver } from '../../formats/qcow2/qcow2.js';
 import { openFile } from '../../protocols/file-posix.js';
 import { QCOW_MAGIC } from '../../formats/qcow2/constants.js';
 import { readHeader } from '../../formats/qcow2/header.js';
@@ -29,7 +33,10 @@ function formatG3(v: number): string {
 
 const pad2 = (n: number) => String(n).padStart(2, '0');
 
-function snapshotLine(sn: Qcow2Snapshot): string {
+/** The fields a listing line shows (from the table, or from info's JSON objects). */
+type SnapshotRow = Pick<Qcow2Snapshot, 'id' | 'name' | 'vmStateSize' | 'dateSec' | 'vmClockNsec' | 'icount'>;
+
+function snapshotLine(sn: SnapshotRow): string {
   const d = new Date(sn.dateSec * 1000);
   const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
   const secs = Math.floor(sn.vmClockNsec / 1e9);
@@ -38,14 +45,74 @@ function snapshotLine(sn: Qcow2Snapshot): string {
   return `${sn.id.padEnd(9)} ${sn.name.padEnd(16)} ${qemuSizeToStr(sn.vmStateSize).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
 }
 
+/** strerror() texts for the errors snapshot operations can meet (qemu-img prints "-N (text)"). */
+const STRERROR: Partial<Record<string, string>> = {
+  EEXIST: 'File exists', EFBIG: 'File too large', ENOTSUP: 'Operation not supported', EINVAL: 'Invalid argument',
+  EIO: 'Input/output error', ENOSPC: 'No space left on device', EROFS: 'Read-only file system', EPERM: 'Operation not permitted',
+};
+
+/** qemu-img's "-N (strerror)" for an errno; our own argument checks keep their sentence. */
+function qemuReason(err: unknown): string {
+  if (!(err instanceof VdiskError)) throw err;
+  const text = STRERROR[err.code];
+  const n = (os.constants.errno as Record<string, number>)[err.code];
+  if (!text || !n || err.code === 'EINVAL') return err.message;
+  return `-${n} (${text})`;
+}
+
+/** qemu-img's snapshot table (bdrv_snapshot_dump): the header line, then one line per snapshot. */
+export function snapshotListing(rows: SnapshotRow[]): string[] {
+  const head = `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`;
+  return [head, ...rows.map(snapshotLine)];
+}
+
+/** A snapshot object of qemu-img info --output=json as a listing row. */
+export function snapshotRowFromJson(s: Record<string, number | string>): SnapshotRow {
+  return {
+    id: String(s.id), name: String(s.name), vmStateSize: Number(s['vm-state-size']), dateSec: Number(s['date-sec']),
+    vmClockNsec: Number(s['vm-clock-sec']) * 1e9 + Number(s['vm-clock-nsec']),
+    icount: s.icount === undefined ? null : Number(s.icount),
+  };
+}
+
+/** Create, apply or delete on a writable qcow2 node; raw and other formats have no snapshots. */
+async function modify(filename: string, format: string | undefined, op: 'create' | 'apply' | 'delete', name: string): Promise<void> {
+  const verb = { create: 'create', apply: 'apply', delete: 'delete' }[op];
+  const fail = (why: string) => new VdiskError('EINVAL', 'invalid-argument', `Could not ${verb} snapshot '${name}': ${why}`);
+  const node = await openImage(filename, { format, readOnly: false, backing: false });
+  try {
+    const drv = node.driver as Partial<Qcow2Driver>;
+    if (typeof drv.createSnapshot !== 'function' || !drv.applySnapshot || !drv.deleteSnapshot) {
+      // qemu-img's words per operation for a driver without snapshots.
+      if (op === 'create') throw fail(`-${os.constants.errno.ENOTSUP} (Operation not supported)`);
+      if (op === 'apply') throw fail('Block driver does not support snapshots');
+      throw fail('snapshot not found');
+    }
+    try {
+      if (op === 'create') {
+        await drv.createSnapshot(name);
+      } else if (op === 'apply') {
+        if (!(await drv.applySnapshot(name))) throw fail('Failed to load snapshot: No such file or directory');
+      } else if (!(await drv.deleteSnapshot({ name }))) {
+        throw fail('snapshot not found'); // qemu-img -d looks the name up, not the id
+      }
+    } catch (err) {
+      if (err instanceof VdiskError && err.message.startsWith(`Could not ${verb} snapshot`)) throw err;
+      throw fail(qemuReason(err));
+    }
+  } finally {
+    await node.close();
+  }
+}
+
 export function register(program: Command): void {
   program
     .command('snapshot')
-    .description('list internal snapshots (-l); -c/-a/-d are not supported yet')
+    .description('list, create, apply (revert to) or delete internal snapshots')
     .option('-l, --list', 'list snapshots')
-    .option('-c, --create <name>', 'create a snapshot (not supported yet)')
-    .option('-a, --apply <name>', 'apply a snapshot (not supported yet)')
-    .option('-d, --delete <name>', 'delete a snapshot (not supported yet)')
+    .option('-c, --create <name>', 'create a snapshot of the current contents')
+    .option('-a, --apply <name>', 'revert to a snapshot (found by id, then by name)')
+    .option('-d, --delete <name>', 'delete a snapshot (found by name)')
     .option('-f, --format <fmt>', 'image format (default: probed)')
     .option('-U, --force-share', 'open in shared mode (accepted for compatibility)')
     .option('-q, --quiet', 'quiet mode')
@@ -53,12 +120,12 @@ export function register(program: Command): void {
     .action(action(async (filename: string, o: { list?: boolean; create?: string; apply?: string; delete?: string; format?: string }) => {
       const ops = [o.list && 'list', o.create !== undefined && 'create', o.apply !== undefined && 'apply', o.delete !== undefined && 'delete'].filter(Boolean);
       if (ops.length > 1) throw invalidArgument('Cannot mix snapshot operations (-l, -c, -a, -d)');
-      if (o.create !== undefined) throw unsupported('snapshot: creating internal snapshots (-c) is not supported yet');
-      if (o.apply !== undefined) throw unsupported('snapshot: applying internal snapshots (-a) is not supported yet');
-      if (o.delete !== undefined) throw unsupported('snapshot: deleting internal snapshots (-d) is not supported yet');
       if (o.format !== undefined && o.format !== 'qcow2' && o.format !== 'raw') {
         throw invalidArgument(`Unknown driver '${o.format}' (supported formats: raw, qcow2)`);
       }
+      if (o.create !== undefined) return modify(filename, o.format, 'create', o.create);
+      if (o.apply !== undefined) return modify(filename, o.format, 'apply', o.apply);
+      if (o.delete !== undefined) return modify(filename, o.format, 'delete', o.delete);
       const file = await openFile(filename, { readOnly: true, direct: false, noFlush: false });
       try {
         let isQcow2 = o.format === 'qcow2';
@@ -72,10 +139,7 @@ export function register(program: Command): void {
         // The checker's lenient read, as this command has always used: problems are not reported.
         const entries = await readSnapshots(file, h, filename, { onProblem: () => {} });
         if (entries.length === 0) return;
-        let text = 'Snapshot list:\n';
-        text += `${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}\n`;
-        for (const sn of entries) text += `${snapshotLine(sn)}\n`;
-        process.stdout.write(text);
+        process.stdout.write(`Snapshot list:\n${snapshotListing(entries).join('\n')}\n`);
       } finally {
         await file.close();
       }

@@ -35,7 +35,7 @@ import {
   type ClusterKind, type L2Info, entryHi, entryLo, makeEntry, setEntry,
 } from './l2entry.js';
 import { decompressCluster } from './compress.js';
-import { Qcow2Allocator } from './allocate.js';
+import { Qcow2Snapshots } from './snapshot-ops.js';
 
 /** A mapped piece of a guest range. `host` is the host byte offset matching `offset`. */
 interface Segment {
@@ -56,7 +56,7 @@ function word(b: Buffer, p: number): number {
   return (b[p] << 24) | (b[p + 1] << 16) | (b[p + 2] << 8) | b[p + 3];
 }
 
-export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
+export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
   readonly driverName = 'qcow2';
   readonly children: { file: ChildEdge; backing: ChildEdge | null };
   /** I/O to the image file goes through the edge: a graph edit may move it. */
@@ -325,7 +325,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
 
   // ---- writes -----------------------------------------------------------------------------
 
-  private checkWritable(): void {
+  protected checkWritable(): void {
     if (this.readOnly) throw readOnlyError(`${this.filename}: image is opened read-only`);
     if (this.corruptReason) throw corrupt(`${this.filename}: corruption found (${this.corruptReason}); refusing to write`);
   }
@@ -657,7 +657,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
     await this.flushToOs();
   }
 
-  private async writeSize(length: number): Promise<void> {
+  protected async writeSize(length: number): Promise<void> {
     const b = Buffer.alloc(8);
     b.writeBigUInt64BE(BigInt(length));
     await this.file.pwrite(C.HDR_SIZE, b);
@@ -666,7 +666,7 @@ export class Qcow2Driver extends Qcow2Allocator implements BlockDriver {
   }
 
   /** A larger L1 table (QEMU's qcow2_grow_l1_table with exact size): new table, flush, header, free old. */
-  private async growL1(entries: number): Promise<void> {
+  protected async growL1(entries: number): Promise<void> {
     const bytes = entries * 8;
     const clusters = Math.ceil(bytes / this.clusterSize);
     const off = await this.refcounts.alloc(clusters);

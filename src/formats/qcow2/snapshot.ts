@@ -132,3 +132,49 @@ export function snapshotInfo(s: Qcow2Snapshot): Record<string, unknown> {
   o['vm-state-size'] = s.vmStateSize;
   return o;
 }
+
+/**
+ * One table entry as QEMU's qcow2_write_snapshots lays it out (spec: "Snapshots"): the fixed
+ * header, extra data (vm_state_size_large, disk_size, icount, then whatever unknown extra
+ * data the entry already had, preserved), the id and name without terminators, padding to 8.
+ * `currentSize` stands in for a disk size the entry never recorded (a version 2 entry).
+ */
+export function encodeSnapshot(s: Qcow2Snapshot, currentSize: number): Buffer {
+  const id = Buffer.from(s.id, 'utf8');
+  const name = Buffer.from(s.name, 'utf8');
+  const unknownExtra = s.extraData.length > C.QCOW2_SNAPSHOT_EXTRA_WITH_ICOUNT ? s.extraData.subarray(C.QCOW2_SNAPSHOT_EXTRA_WITH_ICOUNT) : Buffer.alloc(0);
+  const extraSize = C.QCOW2_SNAPSHOT_EXTRA_WITH_ICOUNT + unknownExtra.length;
+  const size = (C.QCOW2_SNAPSHOT_HEADER_SIZE + extraSize + id.length + name.length + 7) & ~7;
+  const b = Buffer.alloc(size);
+  b.writeBigUInt64BE(BigInt(s.l1TableOffset), 0);
+  b.writeUInt32BE(s.l1Size, 8);
+  b.writeUInt16BE(id.length, 12);
+  b.writeUInt16BE(name.length, 14);
+  b.writeUInt32BE(s.dateSec >>> 0, 16);
+  b.writeUInt32BE(s.dateNsec >>> 0, 20);
+  b.writeBigUInt64BE(BigInt(s.vmClockNsec), 24);
+  // The 32-bit field keeps the low bits; the large one holds the whole size.
+  b.writeUInt32BE(s.vmStateSize % 2 ** 32, 32);
+  b.writeUInt32BE(extraSize, 36);
+  const x = C.QCOW2_SNAPSHOT_HEADER_SIZE;
+  b.writeBigUInt64BE(BigInt(s.vmStateSize), x);
+  b.writeBigUInt64BE(BigInt(s.diskSize ?? currentSize), x + 8);
+  b.writeBigInt64BE(BigInt(s.icount ?? -1), x + 16);
+  unknownExtra.copy(b, x + C.QCOW2_SNAPSHOT_EXTRA_WITH_ICOUNT);
+  id.copy(b, x + extraSize);
+  name.copy(b, x + extraSize + id.length);
+  return b;
+}
+
+/** The whole table, entries back to back; each entry's tableEntrySize is updated to match. */
+export function encodeSnapshotTable(list: Qcow2Snapshot[], currentSize: number): Buffer {
+  const parts = list.map((s) => {
+    const b = encodeSnapshot(s, currentSize);
+    s.tableEntrySize = b.length;
+    s.extraData = b.subarray(C.QCOW2_SNAPSHOT_HEADER_SIZE, C.QCOW2_SNAPSHOT_HEADER_SIZE + b.readUInt32BE(36));
+    if (s.diskSize === null) s.diskSize = currentSize;
+    if (s.icount === null) s.icount = -1;
+    return b;
+  });
+  return Buffer.concat(parts);
+}
