@@ -151,6 +151,10 @@ test('check: refcount too low and wrong COPIED flags are corruptions (exit 2); -
     assert.equal(r2.status, 2);
     assert.equal(vdisk(['check', '-r', 'all', g]).status, 0);
     assert.equal(run('qemu-img', ['check', g]).status, 0);
+    // The repair kept the data (and the flag matches again, so writes stay in place).
+    const r2check = run('qemu-io', ['-f', 'qcow2', '-c', 'read -P 5 0 256k', '-c', 'read -P 0 256k 64k', g]);
+    assert.equal(r2check.status, 0, r2check.stderr);
+    assert.doesNotMatch(r2check.stdout + r2check.stderr, /failed/i, r2check.stdout);
   } finally {
     removeDir(dir);
   }
