@@ -160,7 +160,25 @@ export function resolveBackingName(imageFilename: string, name: string): string 
 
 async function openProtocol(filename: string, o: { readOnly: boolean; direct: boolean; noFlush: boolean }): Promise<BlockNode> {
   if (filename.startsWith('null-co://')) return openNull(NULL_DEFAULT_SIZE, o.readOnly);
+  // Loaded on first use: most commands never touch Ceph.
+  if (filename.startsWith('rbd:')) return (await import('../protocols/rbd.js')).openRbd(filename, o);
   return openFile(filename, o);
+}
+
+/**
+ * Create the empty protocol-level object a format is laid onto (qemu-img create's
+ * bdrv_create_file): `protocolOptions` are the -o options the format did not claim.
+ */
+async function createProtocol(filename: string, protocolOptions: Record<string, string>): Promise<void> {
+  const keys = Object.keys(protocolOptions);
+  if (filename.startsWith('rbd:')) {
+    const rbd = await import('../protocols/rbd.js');
+    const bad = keys.find((k) => !(rbd.RBD_CREATE_OPTIONS as readonly string[]).includes(k));
+    if (bad !== undefined) throw invalidArgument(`Invalid parameter '${bad}' for protocol 'rbd' (supported: ${rbd.RBD_CREATE_OPTIONS.join(', ')})`);
+    return rbd.createRbd(filename, 0, protocolOptions);
+  }
+  if (keys.length > 0) throw invalidArgument(`Invalid parameter '${keys[0]}'`);
+  return createFile(filename);
 }
 
 export async function probeFormat(file: BlockNode, filename: string): Promise<FormatDriverFactory> {
@@ -193,9 +211,14 @@ export interface CreateOptions {
 export async function createImage(filename: string, c: CreateOptions): Promise<void> {
   const format = await realFormat(getFormat(c.format));
   if (!format.create) throw unsupported(`Format '${c.format}' does not support image creation`);
-  const options = c.options ?? {};
-  for (const key of Object.keys(options)) {
-    if (!format.createOptions.includes(key)) {
+  const options: Record<string, string> = {};
+  const protocolOptions: Record<string, string> = {};
+  for (const [key, value] of Object.entries(c.options ?? {})) {
+    if (format.createOptions.includes(key)) {
+      options[key] = value;
+    } else if (filename.startsWith('rbd:')) {
+      protocolOptions[key] = value; // e.g. rbd's cluster_size (object size) under a raw image
+    } else {
       throw invalidArgument(`Invalid parameter '${key}' for format '${c.format}' (supported: ${format.createOptions.join(', ')})`);
     }
   }
@@ -210,8 +233,8 @@ export async function createImage(filename: string, c: CreateOptions): Promise<v
       await backing.close();
     }
   }
-  await createFile(filename);
-  const file = await openFile(filename, { readOnly: false, direct: false, noFlush: false });
+  await createProtocol(filename, protocolOptions);
+  const file = await openProtocol(filename, { readOnly: false, direct: false, noFlush: false });
   try {
     await format.create(file, {
       filename,

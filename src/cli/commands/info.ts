@@ -25,10 +25,13 @@ export async function describeNode(node: BlockNode): Promise<ImageInfo> {
   }
   const json: Record<string, unknown> = {};
   if (info.backingFormat) json['backing-filename-format'] = info.backingFormat;
-  if (info.snapshots && info.snapshots.length > 0) json.snapshots = info.snapshots;
+  // A format without its own (raw) shows its protocol's, as QEMU's raw driver passes them down (rbd).
+  const snapshots = info.snapshots ?? fileInfo.snapshots;
+  if (snapshots && snapshots.length > 0) json.snapshots = snapshots;
   json['virtual-size'] = node.getLength();
   json.filename = node.filename;
-  if (info.clusterSize) json['cluster-size'] = info.clusterSize;
+  const clusterSize = info.clusterSize ?? (node.driver.driverName === 'raw' ? fileInfo.clusterSize : undefined);
+  if (clusterSize) json['cluster-size'] = clusterSize;
   json.format = node.driver.driverName;
   if (actualSize !== undefined) json['actual-size'] = actualSize;
   if (info.formatSpecific) json['format-specific'] = info.formatSpecific;

@@ -1,12 +1,12 @@
 // vdisk snapshot [-l | -c NAME | -a NAME | -d NAME] [-f FMT] FILE: internal snapshots as
 // qemu-img snapshot handles them: the same table, messages and exit codes. -c, -a and -d go
 // through the qcow2 driver's snapshot API (createSnapshot, applySnapshot, deleteSnapshot).
+// On a raw rbd: image all four are the image's rbd snapshots (QEMU's qemu_rbd_snap_*).
 import os from 'node:os';
 import type { Command } from 'commander';
 import { VdiskError, invalidArgument } from '../../block/errors.js';
-import { openImage } from '../../block/graph.js';
+import { openImage, openProtocol } from '../../block/graph.js';
 import type { Qcow2Driver } from '../../formats/qcow2/qcow2.js';
-import { openFile } from '../../protocols/file-posix.js';
 import { QCOW_MAGIC } from '../../formats/qcow2/constants.js';
 import { readHeader } from '../../formats/qcow2/header.js';
 import { readSnapshots, type Qcow2Snapshot } from '../../formats/qcow2/snapshot.js';
@@ -105,6 +105,39 @@ async function modify(filename: string, format: string | undefined, op: 'create'
   }
 }
 
+/**
+ * qemu-img snapshot on a raw rbd image: rbd snapshots, the name also being the id (QEMU's
+ * rbd driver). False when the image holds qcow2, whose internal snapshots it has instead.
+ */
+async function rbdSnapshot(filename: string, o: { create?: string; apply?: string; delete?: string; format?: string }): Promise<boolean> {
+  if (o.format === 'qcow2') return false;
+  const { openRbd, RbdDriver } = await import('../../protocols/rbd.js');
+  const listing = o.create === undefined && o.apply === undefined && o.delete === undefined;
+  const node = await openRbd(filename, { readOnly: listing, direct: false, noFlush: false });
+  try {
+    if (o.format === undefined && node.getLength() >= 4) {
+      const head = Buffer.alloc(4);
+      await node.pread(0, head);
+      if (head.readUInt32BE(0) === QCOW_MAGIC) return false;
+    }
+    const rbd = node.driver as InstanceType<typeof RbdDriver>;
+    if (o.create !== undefined) {
+      await rbd.createSnapshot(o.create);
+    } else if (o.apply !== undefined) {
+      await rbd.rollbackSnapshot(o.apply);
+    } else if (o.delete !== undefined) {
+      await rbd.removeSnapshot(o.delete);
+    } else {
+      // QEMU shows no date or clock for rbd snapshots, and the image size as the VM state size.
+      const rows = (await rbd.snapshots()).map((sn) => ({ id: sn.name, name: sn.name, vmStateSize: sn.size, dateSec: 0, vmClockNsec: 0, icount: 0 }));
+      if (rows.length > 0) process.stdout.write(`Snapshot list:\n${snapshotListing(rows).join('\n')}\n`);
+    }
+    return true;
+  } finally {
+    await node.close();
+  }
+}
+
 export function register(program: Command): void {
   program
     .command('snapshot')
@@ -123,10 +156,11 @@ export function register(program: Command): void {
       if (o.format !== undefined && o.format !== 'qcow2' && o.format !== 'raw') {
         throw invalidArgument(`Unknown driver '${o.format}' (supported formats: raw, qcow2)`);
       }
+      if (filename.startsWith('rbd:') && (await rbdSnapshot(filename, o))) return;
       if (o.create !== undefined) return modify(filename, o.format, 'create', o.create);
       if (o.apply !== undefined) return modify(filename, o.format, 'apply', o.apply);
       if (o.delete !== undefined) return modify(filename, o.format, 'delete', o.delete);
-      const file = await openFile(filename, { readOnly: true, direct: false, noFlush: false });
+      const file = await openProtocol(filename, { readOnly: true, direct: false, noFlush: false });
       try {
         let isQcow2 = o.format === 'qcow2';
         if (o.format === undefined && file.getLength() >= 4) {
