@@ -558,7 +558,7 @@ export class RbdDriver implements BlockDriver {
 
 /** Open an image named by a filename (rbd:...) or by blockdev options (the daemon's --blockdev). */
 export async function openRbd(where: string | RbdOptions, o: RbdOpenOptions): Promise<BlockNode> {
-  const loc = typeof where === 'string' ? parseRbdFilename(where) : where;
+  const loc = typeof where === 'string' ? couldNot('open', where, () => parseRbdFilename(where)) : where;
   const name = typeof where === 'string' ? where : rbdDisplayName(loc);
   const api = addon(name);
   if (loc.snapshot !== undefined && !o.readOnly) throw readOnlyError(`Could not open '${name}': rbd snapshots are read-only`);
@@ -591,7 +591,7 @@ export const RBD_CREATE_OPTIONS = ['cluster_size'] as const;
 /** Create an image (QEMU's qemu_rbd_do_create): `size` bytes, objects of cluster_size. */
 export async function createRbd(where: string | RbdOptions, size: number, options: Record<string, string> = {},
   resolveSecret?: (id: string) => string): Promise<void> {
-  const loc = typeof where === 'string' ? parseRbdFilename(where) : where;
+  const loc = typeof where === 'string' ? couldNot('create', where, () => parseRbdFilename(where)) : where;
   const name = typeof where === 'string' ? where : rbdDisplayName(loc);
   if (loc.snapshot !== undefined) throw invalidArgument(`${name}: Can't use snapshot name for image creation`);
   const api = addon(name);
