@@ -34,5 +34,6 @@ if (r.status !== 0 && process.env.VDISK_NO_RBD !== '1') {
 if (r.status !== 0) {
   console.warn('vdisk: native addon build failed; vdisk falls back to writing zeros and reporting all data');
 } else if (!existsSync(path.join('build', 'Release', 'vdisk_rbd.node'))) {
-  console.warn('vdisk: rbd addon not built (librbd headers not found: apt-get install librbd-dev); the rbd: driver is unavailable');
+  const why = process.env.VDISK_NO_RBD === '1' ? 'VDISK_NO_RBD=1' : 'librbd headers not found: apt-get install librbd-dev';
+  console.warn(`vdisk: rbd addon not built (${why}); the rbd: driver is unavailable`);
 }

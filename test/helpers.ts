@@ -27,6 +27,10 @@ export const PEER_PACKAGES: Record<string, string> = {
   time: 'time',
   setpriv: 'util-linux',
   chattr: 'e2fsprogs',
+  'ceph-mon': 'ceph-mon',
+  'ceph-osd': 'ceph-osd',
+  ceph: 'ceph-common',
+  rbd: 'ceph-common',
 };
 
 export function hasProgram(name: string): boolean {

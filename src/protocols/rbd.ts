@@ -105,7 +105,9 @@ interface RbdAddon {
   readonly WRITE_ZEROES_FLAG_THICK_PROVISION: number;
 }
 
-const ADDON_PATH = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'build', 'Release', 'vdisk_rbd.node');
+/** VDISK_RBD_ADDON names another build of the addon (tests point it at nothing to see the fallback). */
+const ADDON_PATH = process.env.VDISK_RBD_ADDON
+  ?? path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'build', 'Release', 'vdisk_rbd.node');
 /** The one line shown when the driver cannot work, naming the package that fixes it. */
 const NOT_BUILT = 'vdisk was built without librbd (apt-get install librbd-dev, then npm install)';
 
