@@ -141,7 +141,7 @@ const SYSTEM_ERRORS = util.getSystemErrorMap();
 /** A librbd -errno as the Error shape fromSystemError understands (code = errno name). */
 function errnoError(r: number): NodeJS.ErrnoException {
   const [code, text] = SYSTEM_ERRORS.get(r) ?? ['EIO', `error ${-r}`];
-  return Object.assign(new Error(text), { code, errno: r });
+  return Object.assign(new Error(text.charAt(0).toUpperCase() + text.slice(1)), { code, errno: r });
 }
 
 // ---- completions -----------------------------------------------------------------------
