@@ -151,13 +151,18 @@ static void aio_done(rbd_completion_t c, void *arg) {
   int64_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
   pthread_mutex_lock(&cq->lock);
+  bool was_empty = cq->head == cq->tail;
   unsigned slot = cq->tail % CQ_CAP; /* in_flight <= CQ_CAP, so the ring never overflows */
   cq->ring_id[slot] = id;
   cq->ring_res[slot] = r;
   cq->tail++;
   pthread_mutex_unlock(&cq->lock);
-  uint64_t one = 1;
-  while (write(cq->efd, &one, sizeof one) < 0 && errno == EINTR) {
+  /* One wakeup per batch: the loop drains the ring until it finds it empty, so only a
+   * completion that finds it empty needs to signal. */
+  if (was_empty) {
+    uint64_t one = 1;
+    while (write(cq->efd, &one, sizeof one) < 0 && errno == EINTR) {
+    }
   }
 }
 
@@ -466,6 +471,30 @@ static int do_stat(struct op *op, rbd_image_t img) {
   return 0;
 }
 
+/*
+ * librbd's listing calls fill a caller-sized array and answer -ERANGE with the size they
+ * need: allocate, call, grow, repeat. Leaves PTR NULL and the op failed on error.
+ */
+#define LIST_GROWING(op, ptr, max, call, stage)                                    \
+  do {                                                                            \
+    int r_;                                                                       \
+    for (;;) {                                                                    \
+      (ptr) = calloc((size_t)(max), sizeof *(ptr));                               \
+      if (!(ptr)) {                                                               \
+        fail((op), -ENOMEM, (stage));                                             \
+        break;                                                                    \
+      }                                                                           \
+      r_ = (call);                                                                \
+      if (r_ >= 0) break;                                                         \
+      free(ptr);                                                                  \
+      (ptr) = NULL;                                                               \
+      if (r_ != -ERANGE) {                                                        \
+        fail((op), r_, (stage));                                                  \
+        break;                                                                    \
+      }                                                                           \
+    }                                                                             \
+  } while (0)
+
 static int diff_cb(uint64_t offs, size_t len, int exists, void *arg) {
   struct op *op = arg;
   if (!exists) return 0;
@@ -550,23 +579,8 @@ static void op_execute(napi_env env, void *data) {
       return;
     case OP_SNAP_LIST: {
       int max = 16;
-      for (;;) {
-        op->snaps = calloc((size_t)max, sizeof *op->snaps);
-        if (!op->snaps) {
-          fail(op, -ENOMEM, "snap-list");
-          return;
-        }
-        r = rbd_snap_list(im->img, op->snaps, &max);
-        if (r != -ERANGE) break;
-        free(op->snaps);
-        op->snaps = NULL;
-      }
-      if (r < 0) {
-        free(op->snaps);
-        op->snaps = NULL;
-        fail(op, r, "snap-list");
-        return;
-      }
+      LIST_GROWING(op, op->snaps, max, (r = rbd_snap_list(im->img, op->snaps, &max)), "snap-list");
+      if (!op->snaps) return;
       op->n_snaps = r;
       op->snap_ts = calloc((size_t)(r ? r : 1), sizeof *op->snap_ts);
       for (int i = 0; i < r && op->snap_ts; i++) rbd_snap_get_timestamp(im->img, op->snaps[i].id, &op->snap_ts[i]);
@@ -628,46 +642,14 @@ static void op_execute(napi_env env, void *data) {
     }
     case OP_WATCHERS: {
       size_t max = 16;
-      for (;;) {
-        op->watchers = calloc(max, sizeof *op->watchers);
-        if (!op->watchers) {
-          fail(op, -ENOMEM, "watchers");
-          return;
-        }
-        r = rbd_watchers_list(im->img, op->watchers, &max);
-        if (r != -ERANGE) break;
-        free(op->watchers);
-        op->watchers = NULL;
-      }
-      if (r < 0) {
-        free(op->watchers);
-        op->watchers = NULL;
-        fail(op, r, "watchers");
-        return;
-      }
-      op->n_watchers = max;
+      LIST_GROWING(op, op->watchers, max, rbd_watchers_list(im->img, op->watchers, &max), "watchers");
+      if (op->watchers) op->n_watchers = max;
       return;
     }
     case OP_CONFIG: {
       int max = 256;
-      for (;;) {
-        op->cfg = calloc((size_t)max, sizeof *op->cfg);
-        if (!op->cfg) {
-          fail(op, -ENOMEM, "config");
-          return;
-        }
-        r = rbd_config_image_list(im->img, op->cfg, &max);
-        if (r != -ERANGE) break;
-        free(op->cfg);
-        op->cfg = NULL;
-      }
-      if (r < 0) {
-        free(op->cfg);
-        op->cfg = NULL;
-        fail(op, r, "config");
-        return;
-      }
-      op->n_cfg = max;
+      LIST_GROWING(op, op->cfg, max, rbd_config_image_list(im->img, op->cfg, &max), "config");
+      if (op->cfg) op->n_cfg = max;
       return;
     }
   }
