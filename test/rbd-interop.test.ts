@@ -163,6 +163,10 @@ describe('rbd interop', () => {
     vd(['create', '-f', 'qcow2', img, '32M']);
     vd(['io', '-f', 'qcow2', '-c', 'write -P 0x6b 1M 3M', '-c', 'write -P 0x6c 30M 100k', img]);
     assert.match(peer('qemu-img', ['check', '-f', 'qcow2', img]), /No errors were found/);
+    assert.match(vd(['check', img]), /No errors were found/);
+    peer('qemu-img', ['snapshot', '-c', 'internal', img]); // qcow2's own snapshots, not rbd's
+    assert.equal(vd(['snapshot', '-l', img]), peer('qemu-img', ['snapshot', '-l', img]));
+    assert.match(vd(['snapshot', '-l', img]), /internal/);
     peer('qemu-io', ['-f', 'qcow2', '-r', '-c', 'read -P 0x6b 1M 3M', '-c', 'read -P 0x6c 30M 100k', '-c', 'read -P 0 0 1M', img]);
   });
 

@@ -158,7 +158,8 @@ export function resolveBackingName(imageFilename: string, name: string): string 
   return path.isAbsolute(name) ? name : path.join(path.dirname(imageFilename), name);
 }
 
-async function openProtocol(filename: string, o: { readOnly: boolean; direct: boolean; noFlush: boolean }): Promise<BlockNode> {
+/** The protocol node for a name: null-co://, rbd:..., else a file or device. */
+export async function openProtocol(filename: string, o: { readOnly: boolean; direct: boolean; noFlush: boolean }): Promise<BlockNode> {
   if (filename.startsWith('null-co://')) return openNull(NULL_DEFAULT_SIZE, o.readOnly);
   // Loaded on first use: most commands never touch Ceph.
   if (filename.startsWith('rbd:')) return (await import('../protocols/rbd.js')).openRbd(filename, o);

@@ -4,7 +4,7 @@
 import type { Command } from 'commander';
 import { VdiskError, invalidArgument } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
-import { openFile } from '../../protocols/file-posix.js';
+import { openProtocol } from '../../block/graph.js';
 import { QCOW_MAGIC } from '../../formats/qcow2/constants.js';
 import { checkQcow2, type CheckResult } from '../../formats/qcow2/check.js';
 import { outputFormat, printJson, reportError } from '../common.js';
@@ -92,7 +92,7 @@ export async function runCheck(filename: string, o: CheckCommandOptions): Promis
     throw invalidArgument(`Unknown driver '${o.format}' (supported formats: raw, qcow2)`);
   }
   const writable = fix.leaks || fix.errors;
-  const file = await openFile(filename, { readOnly: !writable, direct: false, noFlush: false });
+  const file = await openProtocol(filename, { readOnly: !writable, direct: false, noFlush: false });
   try {
     const isQcow2 = o.format === 'qcow2' || (o.format === undefined && (await probeIsQcow2(file)));
     if (!isQcow2) {
