@@ -14,6 +14,7 @@ import { VdiskError, corrupt } from '../../block/errors.js';
 import * as C from './constants.js';
 import { readHeader, serializeHeader, type Qcow2Header } from './header.js';
 import { readSnapshots, snapshotTableSize, type Qcow2Snapshot } from './snapshot.js';
+import { type BitmapDirEntry, readBitmapTable, readBitmapsForOpen } from './bitmaps.js';
 
 export interface CheckFix {
   leaks: boolean;
@@ -34,11 +35,6 @@ export interface CheckResult {
   compressedClusters: number;
 }
 
-const BME_TABLE_ENTRY_SIZE = 8;
-const BME_TABLE_ENTRY_RESERVED_MASK = 0xff000000000001fen;
-const BME_TABLE_ENTRY_OFFSET_MASK = 0x00fffffffffffe00n;
-const BME_TABLE_ENTRY_FLAG_ALL_ONES = 1n;
-const BITMAP_DIR_ENTRY_FIXED = 24;
 /** Offsets at or past this are certainly past EOF; they stay approximate numbers. */
 const TWO_32 = 2 ** 32;
 
@@ -178,6 +174,7 @@ class Checker {
   rebuild = false;
   snapshots: Qcow2Snapshot[] = [];
   snapshotsSize = 0;
+  bitmapEntries: BitmapDirEntry[] = [];
 
   constructor(
     readonly file: BlockNode,
@@ -246,7 +243,7 @@ class Checker {
     if (this.h.cryptoHeader && this.h.cryptoHeader.length >= 16) {
       this.inc(Number(this.h.cryptoHeader.readBigUInt64BE(0)), Number(this.h.cryptoHeader.readBigUInt64BE(8)));
     }
-    await this.checkBitmaps();
+    await this.checkBitmaps(this.bitmapEntries);
     this.checkRefblocks();
   }
 
@@ -260,7 +257,7 @@ class Checker {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
       if (hi === 0 && lo === 0) continue;
-      if (hi & 0x7f000000 || lo & 0x1fe) {
+      if (l1.readBigUInt64BE(i * 8) & C.L1E_RESERVED_MASK) {
         this.log(`ERROR found L1 entry with reserved bits set: ${hex(l1.readBigUInt64BE(i * 8))}`);
         this.res.corruptions++;
       }
@@ -291,7 +288,9 @@ class Checker {
       const bitmapHi = this.extendedL2 ? l2.readUInt32BE(p + 8) : 0;
       const bitmapLo = this.extendedL2 ? l2.readUInt32BE(p + 12) : 0;
       const compressed = (hi & C.QCOW_OFLAG_COMPRESSED_HI) !== 0;
-      if (!compressed && (hi & 0x3f000000 || lo & 0x1fe)) {
+      // Standard descriptors only: a compressed one has no reserved bits QEMU checks (its
+      // offset bits above 55, if any, show as a reference past the end of the file).
+      if (!compressed && l2.readBigUInt64BE(p) & C.L2E_STD_RESERVED_MASK) {
         this.log(`ERROR found l2 entry with reserved bits set: ${hex(l2.readBigUInt64BE(p))}`);
         this.res.corruptions++;
       }
@@ -365,38 +364,27 @@ class Checker {
     if (dirty) await this.file.pwrite(l2Offset, l2);
   }
 
-  private async checkBitmaps(): Promise<void> {
+  /**
+   * QEMU's qcow2_check_bitmaps_refcounts: count the directory, every table and every data
+   * cluster. The directory and the tables of bitmaps not in use were validated before the
+   * check (as QEMU's open does); a broken table of a bitmap in use stops the check.
+   */
+  async checkBitmaps(entries: readonly BitmapDirEntry[]): Promise<void> {
     const bm = this.h.bitmaps;
     if (!bm) return;
     this.inc(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize);
-    const dir = Buffer.alloc(bm.bitmapDirectorySize);
-    await readAt(this.file, bm.bitmapDirectoryOffset, dir);
-    let pos = 0;
-    for (let n = 0; n < bm.nbBitmaps; n++) {
-      if (pos + BITMAP_DIR_ENTRY_FIXED > dir.length) {
+    for (const e of entries) {
+      this.inc(e.tableOffset, e.tableSize * C.BME_TABLE_ENTRY_SIZE);
+      let table: BigUint64Array;
+      try {
+        table = await readBitmapTable(this.file, e, this.cs, this.file.filename);
+      } catch (err) {
         this.res.corruptions++;
-        throw corrupt('bitmap directory is truncated: fewer entries than nb_bitmaps');
+        throw err;
       }
-      const tableOffset = Number(dir.readBigUInt64BE(pos));
-      const tableSize = dir.readUInt32BE(pos + 8);
-      const nameSize = dir.readUInt16BE(pos + 18);
-      const extraSize = dir.readUInt32BE(pos + 20);
-      pos += Math.ceil((BITMAP_DIR_ENTRY_FIXED + extraSize + nameSize) / 8) * 8;
-      if (tableOffset % this.cs !== 0 || tableSize * BME_TABLE_ENTRY_SIZE > C.QCOW_MAX_L1_SIZE) {
-        this.res.corruptions++;
-        throw corrupt(`bitmap ${n}: bitmap table offset ${tableOffset} or size ${tableSize} is invalid`);
-      }
-      this.inc(tableOffset, tableSize * BME_TABLE_ENTRY_SIZE);
-      const table = Buffer.alloc(tableSize * BME_TABLE_ENTRY_SIZE);
-      await readAt(this.file, tableOffset, table);
-      for (let i = 0; i < tableSize; i++) {
-        const e = table.readBigUInt64BE(i * 8);
-        const off = e & BME_TABLE_ENTRY_OFFSET_MASK;
-        if (e & BME_TABLE_ENTRY_RESERVED_MASK || (off !== 0n && (e & BME_TABLE_ENTRY_FLAG_ALL_ONES || Number(off) % this.cs !== 0))) {
-          this.res.corruptions++;
-          continue;
-        }
-        if (off !== 0n) this.inc(Number(off), this.cs);
+      for (const entry of table) {
+        const offset = Number(entry & C.BME_TABLE_ENTRY_OFFSET_MASK);
+        if (offset !== 0) this.inc(offset, this.cs);
       }
     }
   }
@@ -631,6 +619,9 @@ async function readReftable(file: BlockNode, h: Qcow2Header): Promise<Buffer> {
  */
 export async function checkQcow2(file: BlockNode, filename: string, fix: CheckFix, log: (line: string) => void): Promise<CheckResult> {
   const h = await readHeader(file, filename);
+  // QEMU's check opens the image first, which loads the bitmaps: what refuses that open
+  // refuses the check too.
+  const bitmaps = await readBitmapsForOpen(file, h, h.size, filename);
   const fileLen = file.getLength();
   const cs = 2 ** h.clusterBits;
   let nbClusters = Math.ceil(fileLen / cs);
@@ -649,6 +640,7 @@ export async function checkQcow2(file: BlockNode, filename: string, fix: CheckFi
   const c = new Checker(file, h, stored, log);
   c.snapshots = snapshots;
   c.snapshotsSize = snapshotTableSize(snapshots);
+  c.bitmapEntries = bitmaps.map((b) => b.entry);
   c.refs = new RefcountArray(nbClusters);
   c.nbClusters = nbClusters;
   c.res.totalClusters = Math.ceil(Math.ceil(h.size / 512) * 512 / cs);

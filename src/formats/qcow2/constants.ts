@@ -84,11 +84,34 @@ export const QCOW2_EXT_MAGIC_FEATURE_TABLE = 0x6803f857;
 export const QCOW2_EXT_MAGIC_CRYPTO_HEADER = 0x0537be77;
 export const QCOW2_EXT_MAGIC_BITMAPS = 0x23852875;
 export const QCOW2_EXT_MAGIC_DATA_FILE = 0x44415441;
+/** Size of the full disk encryption header pointer extension body (offset, length). */
+export const QCOW2_CRYPTO_HEADER_EXT_SIZE = 16;
 /** Size of the bitmaps extension body (spec: "Bitmaps extension"). */
 export const QCOW2_BITMAPS_EXT_SIZE = 24;
 /** QEMU's QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE. */
 export const QCOW2_MAX_BITMAPS = 65535;
 export const QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS;
+
+// ---- bitmaps (spec: "Bitmap directory", "Bitmap table"; QEMU's block/qcow2-bitmap.c) ----
+/** Fixed part of a bitmap directory entry, before extra data and name. */
+export const BME_DIR_ENTRY_FIXED_SIZE = 24;
+/** Bitmap directory entry flags: in_use (bit 0), auto (bit 1); QEMU treats every other bit as reserved. */
+export const BME_FLAG_IN_USE = 1 << 0;
+export const BME_FLAG_AUTO = 1 << 1;
+export const BME_RESERVED_FLAGS = 0xfffffffc;
+/** The one bitmap type: dirty tracking. */
+export const BT_DIRTY_TRACKING_BITMAP = 1;
+/** QEMU's limits: table entries, bytes of bitmap data, granularity bits, name bytes. */
+export const BME_MAX_TABLE_SIZE = 0x8000000;
+export const BME_MAX_PHYS_SIZE = 0x20000000;
+export const BME_MAX_GRANULARITY_BITS = 31;
+export const BME_MIN_GRANULARITY_BITS = 9;
+export const BME_MAX_NAME_SIZE = 1023;
+export const BME_TABLE_ENTRY_SIZE = 8;
+/** Bitmap table entry: bits 1-8 and 56-63 reserved, 9-55 the data cluster offset, bit 0 "all ones" when the offset is 0. */
+export const BME_TABLE_ENTRY_RESERVED_MASK = 0xff000000000001fen;
+export const BME_TABLE_ENTRY_OFFSET_MASK = 0x00fffffffffffe00n;
+export const BME_TABLE_ENTRY_FLAG_ALL_ONES = 1n;
 
 // ---- table entries (spec: "Cluster mapping", "Host cluster management") ----------------
 /** L1/L2 entry bit 63: refcount is exactly one, the cluster may be written in place. */
@@ -103,8 +126,8 @@ export const L1E_OFFSET_MASK = 0x00fffffffffffe00n;
 export const L2E_OFFSET_MASK = 0x00fffffffffffe00n;
 /** Refcount table entry bits 9-63: offset of the refcount block. */
 export const REFT_OFFSET_MASK = 0xfffffffffffffe00n;
-/** Bits of an L1 entry that must be zero (1-8, 56-62). */
-export const L1E_RESERVED_MASK = 0x7f000000000001fen;
+/** Bits of an L1 entry that must be zero (0-8, 56-62). */
+export const L1E_RESERVED_MASK = 0x7f000000000001ffn;
 /** Bits of a standard L2 entry that must be zero (1-8, 56-61). */
 export const L2E_STD_RESERVED_MASK = 0x3f000000000001fen;
 /** Bits of a refcount table entry that must be zero (0-8). */
@@ -119,6 +142,8 @@ export const OFFSET_MASK_HI = 0x00ffffff;
 /** Offset bits 9-31 in the low word. */
 export const OFFSET_MASK_LO = 0xfffffe00;
 
+/** QEMU counts disk sizes in 512-byte sectors (BDRV_SECTOR_SIZE). */
+export const QCOW2_SECTOR_SIZE = 512;
 /** Compressed cluster descriptor sectors are 512 bytes (spec: "Compressed Clusters"). */
 export const QCOW2_COMPRESSED_SECTOR_SIZE = 512;
 

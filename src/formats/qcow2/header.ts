@@ -177,8 +177,8 @@ export function parseHeader(buf: Buffer, filename: string): Qcow2Header {
     if (headerLength < C.QCOW2_V3_MIN_HEADER_LENGTH) {
       throw corrupt(`${filename}: header_length ${headerLength} is smaller than ${C.QCOW2_V3_MIN_HEADER_LENGTH}`);
     }
+    // The spec asks for a multiple of 8; QEMU does not enforce it, and neither do we.
     if (headerLength > cs) throw corrupt(`${filename}: header_length ${headerLength} exceeds the cluster size ${cs}`);
-    if (headerLength % 8 !== 0) throw corrupt(`${filename}: header_length ${headerLength} is not a multiple of 8`);
     incompatibleFeatures = buf.readBigUInt64BE(C.HDR_INCOMPATIBLE_FEATURES);
     compatibleFeatures = buf.readBigUInt64BE(C.HDR_COMPATIBLE_FEATURES);
     autoclearFeatures = buf.readBigUInt64BE(C.HDR_AUTOCLEAR_FEATURES);
@@ -229,46 +229,55 @@ export function parseHeader(buf: Buffer, filename: string): Qcow2Header {
   if (nbSnapshots > C.QCOW_MAX_SNAPSHOTS) throw corrupt(`${filename}: nb_snapshots ${nbSnapshots} is more than ${C.QCOW_MAX_SNAPSHOTS}`);
   checkTable(filename, 'snapshot table', snapshotsOffset, nbSnapshots, C.QCOW2_SNAPSHOT_HEADER_SIZE, cs);
 
-  // Backing file name: inside the first cluster, at most 1023 bytes.
+  // Backing file name: inside the first cluster, at most 1023 bytes (QEMU's checks; it may
+  // overlap the header fields, which QEMU accepts too).
   let backingFile: string | null = null;
+  if (backingFileOffset > cs) throw corrupt(`${filename}: Invalid backing file offset (backing_file_offset ${backingFileOffset} is past the first cluster, ${cs} bytes)`);
   if (backingFileOffset !== 0) {
-    if (backingFileSize > C.QCOW2_MAX_BACKING_FILE_NAME) {
-      throw corrupt(`${filename}: backing_file_size ${backingFileSize} is longer than ${C.QCOW2_MAX_BACKING_FILE_NAME} bytes`);
-    }
-    if (backingFileOffset + backingFileSize > cs) {
-      throw corrupt(`${filename}: backing file name at ${backingFileOffset} (${backingFileSize} bytes) is outside the first cluster (${cs} bytes)`);
-    }
-    if (backingFileOffset < headerLength) {
-      throw corrupt(`${filename}: backing_file_offset ${backingFileOffset} overlaps the header (header_length ${headerLength})`);
+    if (backingFileSize > Math.min(C.QCOW2_MAX_BACKING_FILE_NAME, cs - backingFileOffset)) {
+      throw corrupt(`${filename}: Backing file name too long (backing_file_size ${backingFileSize} at offset ${backingFileOffset}: at most ${C.QCOW2_MAX_BACKING_FILE_NAME} bytes, inside the first cluster)`);
     }
     if (backingFileOffset + backingFileSize > buf.length) throw invalidFormat(`${filename}: header cluster is truncated`);
     backingFile = buf.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
   }
 
   const h: Qcow2Header = {
-    version: version as 2 | 3, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size,
+    // QEMU counts the disk in 512-byte sectors (bs->total_sectors = size / 512): a size that
+    // is not a multiple of 512 is cut down to one, for reads, `info`, `convert` and any
+    // header rewrite alike (docs/qcow2.md, "Deliberate differences and limits").
+    version: version as 2 | 3, backingFileOffset, backingFileSize, clusterBits,
+    size: Math.floor(size / C.QCOW2_SECTOR_SIZE) * C.QCOW2_SECTOR_SIZE, cryptMethod, l1Size,
     l1TableOffset, refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset,
     incompatibleFeatures, compatibleFeatures, autoclearFeatures, refcountOrder, headerLength,
     compressionType, headerTail, backingFile, backingFormat: null, dataFile: null, featureNames: [],
     bitmaps: null, bitmapsIgnored: false, cryptoHeader: null, unknownExtensions: [],
   };
-  const extEnd = backingFileOffset !== 0 ? backingFileOffset : Math.min(cs, buf.length);
+  const extEnd = backingFileOffset !== 0 ? backingFileOffset : cs;
   parseExtensions(h, buf, headerLength, extEnd, filename);
   return h;
 }
 
-/** Header extensions between the header and `end` (spec: "Header extensions"). */
+/**
+ * Header extensions between the header and `end` (spec: "Header extensions"): the backing
+ * file name, or the end of the first cluster. Validated as QEMU's qcow2_read_extensions
+ * does, with its messages: an extension (or the 8 bytes of its magic and length) reaching
+ * past `end` is "Header extension too large", even the end marker.
+ */
 function parseExtensions(h: Qcow2Header, buf: Buffer, start: number, end: number, filename: string): void {
   let pos = start;
   const cs = clusterSize(h);
-  while (pos + 8 <= end) {
+  const limit = end === cs ? `the end of the header cluster (${cs} bytes)` : `the backing file name at ${end}`;
+  while (pos < end) {
+    if (pos + 8 > end || pos + 8 > buf.length) {
+      throw corrupt(`${filename}: Header extension too large (the extension header at ${pos} runs past ${limit})`);
+    }
     const magic = buf.readUInt32BE(pos);
     const len = buf.readUInt32BE(pos + 4);
     pos += 8;
-    if (magic === C.QCOW2_EXT_MAGIC_END) return;
-    if (len > end - pos || pos + len > cs) {
-      throw corrupt(`${filename}: header extension 0x${magic.toString(16)} length ${len} runs past the end of the header cluster (${cs} bytes)`);
+    if (len > end - pos || pos + len > buf.length) {
+      throw corrupt(`${filename}: Header extension too large (extension 0x${magic.toString(16)} at ${pos - 8}, length ${len}, runs past ${limit})`);
     }
+    if (magic === C.QCOW2_EXT_MAGIC_END) return;
     const data = buf.subarray(pos, pos + len);
     switch (magic) {
       case C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
@@ -286,32 +295,21 @@ function parseExtensions(h: Qcow2Header, buf: Buffer, start: number, end: number
           });
         }
         break;
-      case C.QCOW2_EXT_MAGIC_BITMAPS: {
-        if (len !== C.QCOW2_BITMAPS_EXT_SIZE) throw corrupt(`${filename}: bitmaps extension length ${len} is not ${C.QCOW2_BITMAPS_EXT_SIZE}`);
-        if (!(h.autoclearFeatures & C.QCOW2_AUTOCLEAR_BITMAPS)) {
-          // Written by a program that did not know bitmaps: stale, ignored (QEMU does the same).
-          h.bitmapsIgnored = true;
-          break;
-        }
-        const nbBitmaps = data.readUInt32BE(0);
-        if (data.readUInt32BE(4) !== 0) throw corrupt(`${filename}: bitmaps extension reserved field is not zero`);
-        const dirSize = data.readBigUInt64BE(8);
-        const dirOffset = data.readBigUInt64BE(16);
-        if (nbBitmaps === 0) throw corrupt(`${filename}: bitmaps extension lists 0 bitmaps`);
-        if (nbBitmaps > C.QCOW2_MAX_BITMAPS) throw corrupt(`${filename}: nb_bitmaps ${nbBitmaps} is more than ${C.QCOW2_MAX_BITMAPS}`);
-        if (dirSize > BigInt(C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE)) {
-          throw corrupt(`${filename}: bitmap_directory_size ${dirSize} is larger than ${C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE}`);
-        }
-        if (dirOffset >= C.QCOW2_MAX_OFFSET || dirOffset > BigInt(C.QCOW2_MAX_SAFE_OFFSET) || Number(dirOffset) % cs !== 0) {
-          throw corrupt(`${filename}: bitmap_directory_offset ${dirOffset} is invalid (must be cluster aligned and below 2^53)`);
-        }
-        h.bitmaps = { nbBitmaps, bitmapDirectorySize: Number(dirSize), bitmapDirectoryOffset: Number(dirOffset) };
+      case C.QCOW2_EXT_MAGIC_BITMAPS:
+        parseBitmapsExtension(h, data, filename);
         break;
-      }
       case C.QCOW2_EXT_MAGIC_DATA_FILE:
         h.dataFile = data.toString('utf8');
         break;
       case C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
+        // Spec: "Full disk encryption header pointer": LUKS only, 16 bytes, cluster aligned.
+        if (h.cryptMethod !== C.QCOW_CRYPT_LUKS) throw corrupt(`${filename}: CRYPTO header extension only expected with LUKS encryption method`);
+        if (len !== C.QCOW2_CRYPTO_HEADER_EXT_SIZE) {
+          throw corrupt(`${filename}: CRYPTO header extension size ${len}, but expected size ${C.QCOW2_CRYPTO_HEADER_EXT_SIZE}`);
+        }
+        if (data.readBigUInt64BE(0) % BigInt(cs) !== 0n) {
+          throw corrupt(`${filename}: Encryption header offset '${data.readBigUInt64BE(0)}' is not a multiple of cluster size '${cs}'`);
+        }
         h.cryptoHeader = Buffer.from(data);
         break;
       default:
@@ -319,6 +317,38 @@ function parseExtensions(h: Qcow2Header, buf: Buffer, start: number, end: number
     }
     pos += (len + 7) & ~7;
   }
+}
+
+/**
+ * The bitmaps extension (spec: "Bitmaps extension"), QEMU's checks in QEMU's order. Without
+ * the autoclear bit it was left by a program that did not keep the bitmaps: it is ignored
+ * (its clusters leak) and a writable open drops it. The directory itself is read and
+ * checked by bitmaps.ts.
+ */
+function parseBitmapsExtension(h: Qcow2Header, data: Buffer, filename: string): void {
+  const cs = clusterSize(h);
+  if (data.length !== C.QCOW2_BITMAPS_EXT_SIZE) {
+    throw corrupt(`${filename}: bitmaps_ext: Invalid extension length (${data.length}, must be ${C.QCOW2_BITMAPS_EXT_SIZE})`);
+  }
+  if (!(h.autoclearFeatures & C.QCOW2_AUTOCLEAR_BITMAPS)) {
+    h.bitmapsIgnored = true;
+    return;
+  }
+  const nbBitmaps = data.readUInt32BE(0);
+  if (data.readUInt32BE(4) !== 0) throw corrupt(`${filename}: bitmaps_ext: Reserved field is not zero`);
+  const dirSize = data.readBigUInt64BE(8);
+  const dirOffset = data.readBigUInt64BE(16);
+  if (nbBitmaps > C.QCOW2_MAX_BITMAPS) {
+    throw corrupt(`${filename}: bitmaps_ext: Image has ${nbBitmaps} bitmaps, exceeding the QEMU supported maximum of ${C.QCOW2_MAX_BITMAPS}`);
+  }
+  if (nbBitmaps === 0) throw corrupt(`${filename}: found bitmaps extension with zero bitmaps`);
+  if (dirOffset % BigInt(cs) !== 0n) throw corrupt(`${filename}: bitmaps_ext: invalid bitmap directory offset (${dirOffset} is not cluster aligned)`);
+  if (dirSize > BigInt(C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE)) {
+    throw corrupt(`${filename}: bitmaps_ext: bitmap directory size (${dirSize}) exceeds the maximum supported size (${C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE})`);
+  }
+  // An aligned offset past 2^53 lies past any file; it reads as zeros, as QEMU reads past EOF.
+  const offset = dirOffset > BigInt(C.QCOW2_MAX_SAFE_OFFSET) ? 2 ** 53 - cs : Number(dirOffset);
+  h.bitmaps = { nbBitmaps, bitmapDirectorySize: Number(dirSize), bitmapDirectoryOffset: offset };
 }
 
 function extension(magic: number, data: Buffer): Buffer {
