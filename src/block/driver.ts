@@ -120,14 +120,20 @@ export interface BlockDriver extends ImageManagement {
    */
   loadBitmaps?(): Promise<DirtyBitmap[]>;
   /**
-   * Store exactly these persistent bitmaps and mark them not in use (clean close). Bitmaps
-   * the image holds that are not in the list are dropped from it. Inconsistent bitmaps stay
-   * in the image as they are. Called by BlockNode.close() before the final flush.
+   * Store these persistent bitmaps and mark them not in use (clean close). Inconsistent ones
+   * are not written: what the image holds for them stays as it is, as do stored bitmaps not
+   * in the list (QEMU's qcow2_store_persistent_dirty_bitmaps); removing one from the image
+   * is removeStoredBitmap's job. Called by BlockNode.close() before the final flush.
    */
   storeBitmaps?(bitmaps: readonly DirtyBitmap[]): Promise<void>;
-  /** Throws a VdiskError when a persistent bitmap of this name and granularity could not be stored. */
-  checkBitmapStorable?(name: string, granularity: number): void;
-  /** Remove one persistent bitmap from the image now (QMP block-dirty-bitmap-remove). */
+  /**
+   * Throws a VdiskError (QEMU's message) when a new persistent bitmap of this name and
+   * granularity could not be stored next to `persistent`, the node's other persistent
+   * bitmaps (QMP block-dirty-bitmap-add persistent=true, `vdisk bitmap --add`). The node
+   * checks that the name is free first.
+   */
+  checkBitmapStorable?(name: string, granularity: number, persistent: readonly DirtyBitmap[]): void;
+  /** Remove one persistent bitmap from the image now (QMP block-dirty-bitmap-remove); absent is no error. */
   removeStoredBitmap?(name: string): Promise<void>;
 }
 

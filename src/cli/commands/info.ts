@@ -47,6 +47,25 @@ function humanKey(k: string): string {
   return k.replace(/-/g, ' ');
 }
 
+/**
+ * QEMU's dump_qobject (block/qapi.c) for the format-specific data: one `key: value` line per
+ * scalar, nested objects and lists on their own lines four spaces deeper, list items as [i].
+ */
+function dumpValue(value: unknown, indent: number, lines: string[]): void {
+  const pad = ' '.repeat(indent * 4);
+  const composite = (v: unknown) => v !== null && typeof v === 'object';
+  const item = (label: string, v: unknown) => {
+    if (composite(v)) {
+      lines.push(`${pad}${label}:`);
+      dumpValue(v, indent + 1, lines);
+    } else {
+      lines.push(`${pad}${label}: ${String(v)}`);
+    }
+  };
+  if (Array.isArray(value)) value.forEach((v, i) => item(`[${i}]`, v));
+  else for (const [k, v] of Object.entries(value as Record<string, unknown>)) item(humanKey(k), v);
+}
+
 export function printHuman(i: ImageInfo): void {
   const j = i.json;
   const lines: string[] = [];
@@ -69,7 +88,7 @@ export function printHuman(i: ImageInfo): void {
   const fsd = j['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fsd) {
     lines.push('Format specific information:');
-    for (const [k, v] of Object.entries(fsd.data)) lines.push(`    ${humanKey(k)}: ${v}`);
+    dumpValue(fsd.data, 1, lines);
   }
   if (i.notes.length > 0) {
     lines.push('vdisk specific information:');

@@ -7,6 +7,7 @@ import { invalidArgument } from '../../block/errors.js';
 import { parseSize } from '../../block/size.js';
 import * as C from './constants.js';
 import { readHeader } from './header.js';
+import { bitmapDataBytes } from './bitmaps.js';
 
 export interface MeasureResult {
   required: number;
@@ -18,8 +19,6 @@ export interface MeasureResult {
 /** qemu-img sizes everything in 512-byte sectors (bdrv_getlength of a raw file rounds up). */
 const BDRV_SECTOR_SIZE = 512;
 /** Bitmap directory entry: fixed part before extra data and name (spec: "Bitmap directory"). */
-const BITMAP_DIR_ENTRY_FIXED = 24;
-const BME_TABLE_ENTRY_SIZE = 8;
 
 const roundUp = (n: number, a: number): number => Math.ceil(n / a) * a;
 const divRoundUp = (n: number, d: number): number => Math.ceil(n / d);
@@ -148,31 +147,19 @@ async function allocatedBytes(input: BlockNode, clusterSize: number): Promise<nu
 }
 
 /**
- * qcow2_get_persistent_dirty_bitmap_size over the input's bitmap directory: each bitmap
- * fully allocated, plus its table, plus the directory, in target clusters.
+ * qcow2_get_persistent_dirty_bitmap_size over the input node's persistent bitmaps (the ones
+ * its driver loaded): each fully allocated, plus its table, plus the directory, in target
+ * clusters.
  */
-async function persistentBitmapsSize(input: BlockNode, clusterSize: number): Promise<number> {
-  const file = input.file;
-  if (!file) return 0;
-  const h = await readHeader(file, input.filename);
-  if (!h.bitmaps) return 0;
-  const dir = Buffer.alloc(h.bitmaps.bitmapDirectorySize);
-  await file.pread(h.bitmaps.bitmapDirectoryOffset, dir.subarray(0, Math.max(0, Math.min(dir.length, file.getLength() - h.bitmaps.bitmapDirectoryOffset))));
-  const diskSize = input.getLength();
+function persistentBitmapsSize(input: BlockNode, clusterSize: number): number {
   let total = 0;
   let dirSize = 0;
-  let pos = 0;
-  for (let i = 0; i < h.bitmaps.nbBitmaps && pos + BITMAP_DIR_ENTRY_FIXED <= dir.length; i++) {
-    const granularityBits = dir.readUInt8(pos + 17);
-    const nameSize = dir.readUInt16BE(pos + 18);
-    const extraSize = dir.readUInt32BE(pos + 20);
-    const granularity = 2 ** granularityBits;
-    const bmbytes = divRoundUp(divRoundUp(diskSize, granularity), 8);
-    const bmclusters = divRoundUp(bmbytes, clusterSize);
+  for (const b of input.dirtyBitmaps) {
+    if (!b.persistent) continue;
+    const bmclusters = divRoundUp(bitmapDataBytes(b.size, b.granularity), clusterSize);
     total += bmclusters * clusterSize;
-    total += roundUp(bmclusters * BME_TABLE_ENTRY_SIZE, clusterSize);
-    dirSize += roundUp(BITMAP_DIR_ENTRY_FIXED + nameSize, 8);
-    pos += roundUp(BITMAP_DIR_ENTRY_FIXED + extraSize + nameSize, 8);
+    total += roundUp(bmclusters * C.BME_TABLE_ENTRY_SIZE, clusterSize);
+    dirSize += roundUp(C.BME_DIR_ENTRY_FIXED_SIZE + Buffer.byteLength(b.name ?? ''), 8);
   }
   return total + roundUp(dirSize, clusterSize);
 }
@@ -207,7 +194,7 @@ export async function measureQcow2(options: Record<string, string>, input: Block
   if (o.prealloc === 'full' || o.prealloc === 'falloc') required = virtualSize;
   const fullyAllocated = calcPreallocSize(virtualSize, cs, o.refcountOrder, o.extendedL2);
   const result: MeasureResult = { required: fullyAllocated - virtualSize + required, fullyAllocated };
-  if (o.version >= 3 && input && (await isQcow2V3(input))) result.bitmaps = await persistentBitmapsSize(input, cs);
+  if (o.version >= 3 && input && (await isQcow2V3(input))) result.bitmaps = persistentBitmapsSize(input, cs);
   return result;
 }
 

@@ -9,6 +9,7 @@ import * as C from './constants.js';
 import { type Qcow2Header, readHeader, serializeHeader, unknownIncompatibleNames } from './header.js';
 import { readSnapshots } from './snapshot.js';
 import { repairRefcounts } from './repair.js';
+import { readBitmapsForOpen } from './bitmaps.js';
 import { Qcow2Driver } from './qcow2.js';
 
 function cacheSizes(h: Qcow2Header, options: Record<string, string>, filename: string): { l2: number; refcount: number } {
@@ -61,6 +62,9 @@ export async function openQcow2(file: BlockNode, ctx: FormatOpenContext): Promis
   let l1 = await readTable(h.l1TableOffset, h.l1Size * 8, 'L1 table');
   let refTable = await readTable(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table');
   const snapshots = await readSnapshots(file, h, fn);
+  // QEMU validates the persistent bitmaps (qcow2_load_dirty_bitmaps) before it repairs or
+  // rewrites anything; the driver loads them (loadBitmaps) once the node exists.
+  await readBitmapsForOpen(file, h, h.size, fn);
 
   if (!ctx.readOnly) {
     let rewrite = false;
@@ -74,10 +78,12 @@ export async function openQcow2(file: BlockNode, ctx: FormatOpenContext): Promis
       h.incompatibleFeatures &= ~C.QCOW2_INCOMPAT_DIRTY;
       rewrite = true;
     }
-    // We do not maintain persistent bitmaps or anything else behind autoclear bits.
-    if (h.autoclearFeatures !== 0n) {
-      h.autoclearFeatures = 0n;
-      h.bitmaps = null;
+    // Autoclear bits we do not know are cleared (spec: "autoclear_features"); the bitmaps
+    // bit stays, as we keep the bitmaps (bitmaps.ts). An extension found without its bit is
+    // stale: the rewrite drops it (QEMU does the same).
+    if (h.autoclearFeatures & ~C.QCOW2_AUTOCLEAR_SUPPORTED || h.bitmapsIgnored) {
+      h.autoclearFeatures &= C.QCOW2_AUTOCLEAR_SUPPORTED;
+      h.bitmapsIgnored = false;
       rewrite = true;
     }
     if (rewrite) {

@@ -36,6 +36,8 @@ import {
 } from './l2entry.js';
 import { decompressCluster } from './compress.js';
 import { Qcow2Snapshots } from './snapshot-ops.js';
+import { Qcow2Bitmaps } from './bitmaps.js';
+import type { DirtyBitmap } from '../../block/dirty-bitmap.js';
 
 /** A mapped piece of a guest range. `host` is the host byte offset matching `offset`. */
 interface Segment {
@@ -79,6 +81,8 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
   private corruptReason: string | null = null;
   private closed = false;
   private fixedLimits: BlockLimits | null = null;
+  /** The persistent dirty bitmaps stored in the image (bitmaps.ts). */
+  readonly bitmaps: Qcow2Bitmaps;
 
   constructor(
     fileNode: BlockNode,
@@ -115,6 +119,20 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
       else this.metadataClusters.delete(off / this.clusterSize);
     };
     this.buildMetadataSet();
+    this.bitmaps = new Qcow2Bitmaps({
+      file, h, filename, readOnly, refcounts: this.refcounts,
+      getLength: () => this.h.size,
+      writeHeader: () => this.writeHeader(),
+      flushCaches: async () => {
+        await this.l2Cache.flush();
+        await this.refcounts.cache.flush();
+      },
+      setMetadata: (offset, bytes, isMetadata) => {
+        if (isMetadata) this.addRange(offset, bytes);
+        else for (let c = Math.floor(offset / this.clusterSize); c * this.clusterSize < offset + bytes; c++) this.metadataClusters.delete(c);
+      },
+      locked: (fn) => this.lock.run(fn),
+    });
   }
 
   protected get lazy(): boolean {
@@ -559,6 +577,27 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
     });
   }
 
+  // ---- persistent dirty bitmaps (bitmaps.ts) ----------------------------------------------
+
+  loadBitmaps(): Promise<DirtyBitmap[]> {
+    return this.bitmaps.load();
+  }
+
+  async storeBitmaps(bitmaps: readonly DirtyBitmap[]): Promise<void> {
+    // A corrupt image is not written: its bitmaps stay in use (inconsistent on the next open).
+    if (this.corruptReason) return;
+    await this.bitmaps.store(bitmaps);
+  }
+
+  checkBitmapStorable(name: string, granularity: number, persistent: readonly DirtyBitmap[]): void {
+    this.bitmaps.checkStorable(name, granularity, persistent);
+  }
+
+  async removeStoredBitmap(name: string): Promise<void> {
+    this.checkWritable();
+    await this.bitmaps.remove(name);
+  }
+
   // ---- header rewrite, resize, backing ----------------------------------------------------
 
   /** Rewrite the whole header cluster (QEMU's qcow2_update_header): one write, then flush. */
@@ -600,6 +639,7 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
 
   async truncate(length: number, prealloc: Preallocation): Promise<void> {
     this.checkWritable();
+    this.bitmaps.checkResizable();
     if (length % 512 !== 0) throw invalidArgument(`${this.filename}: qcow2 image size must be a multiple of 512 bytes (asked ${length})`);
     const old = this.h.size;
     if (length < old) {
@@ -739,6 +779,8 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
       'compression-type': this.h.compressionType === C.QCOW2_COMPRESSION_TYPE_ZSTD ? 'zstd' : 'zlib',
     };
     if (v3) data['lazy-refcounts'] = this.lazy;
+    const bitmaps = this.bitmaps.info();
+    if (bitmaps.length) data.bitmaps = bitmaps;
     data['refcount-bits'] = 2 ** this.h.refcountOrder;
     if (v3) {
       data.corrupt = (this.h.incompatibleFeatures & C.QCOW2_INCOMPAT_CORRUPT) !== 0n;

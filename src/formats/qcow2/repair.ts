@@ -10,6 +10,7 @@ import type { Qcow2Header } from './header.js';
 import { EntryDecoder, KIND_COMPRESSED, KIND_NORMAL, KIND_ZERO_ALLOC, entryHi, entryLo, makeEntry, setEntry } from './l2entry.js';
 import { setRefcountEntry } from './refcount.js';
 import { type Qcow2Snapshot, snapshotTableSize } from './snapshot.js';
+import { readBitmapDirectory, readBitmapTable } from './bitmaps.js';
 
 /** Beyond this many host clusters we refuse to repair in memory (4 bytes per cluster). */
 const MAX_REPAIR_CLUSTERS = 2 ** 28;
@@ -147,29 +148,20 @@ export async function repairRefcounts(file: BlockNode, h: Qcow2Header, l1In: Buf
   return { tableOffset: (start + blocks) * cs, tableClusters, table, l1 };
 }
 
-/** Bitmap directory and bitmap tables (spec: "Bitmaps"): count their clusters too. */
+/**
+ * Bitmap directory and bitmap tables (spec: "Bitmaps"): count their clusters too. The open
+ * validated the directory and the tables of bitmaps not in use; a broken table of one in use
+ * stops the repair, as it stops QEMU's.
+ */
 async function countBitmaps(file: BlockNode, h: Qcow2Header, inc: (off: number, len: number, what: string) => void, fn: string): Promise<void> {
   const bm = h.bitmaps!;
   const cs = 2 ** h.clusterBits;
   inc(bm.bitmapDirectoryOffset, bm.bitmapDirectorySize, 'bitmap directory');
-  const dir = Buffer.alloc(bm.bitmapDirectorySize);
-  await file.pread(bm.bitmapDirectoryOffset, dir);
-  let pos = 0;
-  for (let i = 0; i < bm.nbBitmaps && pos + 24 <= dir.length; i++) {
-    const tableOffset = Number(dir.readBigUInt64BE(pos) & 0x00fffffffffffe00n);
-    const tableSize = dir.readUInt32BE(pos + 8);
-    const nameSize = dir.readUInt16BE(pos + 18);
-    const extraSize = dir.readUInt32BE(pos + 20);
-    if (tableSize > C.QCOW_MAX_L1_SIZE / 8) throw corrupt(`${fn}: bitmap ${i} table size ${tableSize} is too large`);
-    if (tableOffset) {
-      inc(tableOffset, tableSize * 8, 'bitmap table');
-      const t = Buffer.alloc(tableSize * 8);
-      await file.pread(tableOffset, t);
-      for (let j = 0; j < tableSize; j++) {
-        const off = Number(t.readBigUInt64BE(j * 8) & 0x00fffffffffffe00n);
-        if (off) inc(off, cs, 'bitmap data');
-      }
+  for (const e of await readBitmapDirectory(file, h, h.size, fn)) {
+    inc(e.tableOffset, e.tableSize * C.BME_TABLE_ENTRY_SIZE, 'bitmap table');
+    for (const entry of await readBitmapTable(file, e, cs, fn)) {
+      const off = Number(entry & C.BME_TABLE_ENTRY_OFFSET_MASK);
+      if (off) inc(off, cs, 'bitmap data');
     }
-    pos += (24 + extraSize + nameSize + 7) & ~7;
   }
 }
