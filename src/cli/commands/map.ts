@@ -81,6 +81,9 @@ export function register(program: Command): void {
         const lines: string[] = [];
         if (out === 'json') {
           for await (const m of mapImage(node, start, maxLength)) lines.push(jsonLine(m));
+          // Nothing to map (an empty image, or a start past the end): qemu-img prints its
+          // initial, empty entry all the same.
+          if (lines.length === 0) lines.push(jsonLine({ start, length: 0, depth: 0, present: false, zero: false, data: false }));
           process.stdout.write(`[${lines.join(',\n')}]\n`);
         } else {
           // Human output lists only ranges with data at a known place, merged per file.

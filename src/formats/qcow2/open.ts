@@ -86,6 +86,13 @@ export async function openQcow2(file: BlockNode, ctx: FormatOpenContext): Promis
       h.bitmapsIgnored = false;
       rewrite = true;
     }
+    // The bitmaps bit without a bitmaps extension vouches for nothing; QEMU 7.2 then takes a
+    // zero-sized directory at offset 0 to overlap every write and marks the image corrupt on
+    // the first one. Clear it, as QEMU does when it removes the last bitmap.
+    if (!h.bitmaps && h.autoclearFeatures & C.QCOW2_AUTOCLEAR_BITMAPS) {
+      h.autoclearFeatures &= ~C.QCOW2_AUTOCLEAR_BITMAPS;
+      rewrite = true;
+    }
     if (rewrite) {
       const bytes = serializeHeader(h);
       await file.pwrite(0, bytes);
