@@ -64,9 +64,9 @@ export class DirtyBitmap {
 
   constructor(o: DirtyBitmapOptions) {
     checkGranularity(o.granularity);
-    if (o.name !== null && (o.name.length === 0 || Buffer.byteLength(o.name) > BITMAP_MAX_NAME_SIZE)) {
-      throw invalidArgument(o.name.length === 0 ? 'Bitmap name cannot be empty' : 'Bitmap name is too long');
-    }
+    // An empty name is refused by the front ends (QMP block-dirty-bitmap-add, vdisk bitmap),
+    // not here: an image may hold a bitmap named "" and QEMU loads it.
+    if (o.name !== null && Buffer.byteLength(o.name) > BITMAP_MAX_NAME_SIZE) throw invalidArgument('Bitmap name is too long');
     this.name = o.name;
     this.granularity = o.granularity;
     this.size = o.size;

@@ -129,10 +129,11 @@ export interface BlockDriver extends ImageManagement {
   /**
    * Throws a VdiskError (QEMU's message) when a new persistent bitmap of this name and
    * granularity could not be stored next to `persistent`, the node's other persistent
-   * bitmaps (QMP block-dirty-bitmap-add persistent=true, `vdisk bitmap --add`). The node
-   * checks that the name is free first.
+   * bitmaps (QMP block-dirty-bitmap-add persistent=true, `vdisk bitmap --add`); without it
+   * the driver counts the bitmaps stored in the image. The caller checks that the name is
+   * free on the node first.
    */
-  checkBitmapStorable?(name: string, granularity: number, persistent: readonly DirtyBitmap[]): void;
+  checkBitmapStorable?(name: string, granularity: number, persistent?: readonly DirtyBitmap[]): void;
   /** Remove one persistent bitmap from the image now (QMP block-dirty-bitmap-remove); absent is no error. */
   removeStoredBitmap?(name: string): Promise<void>;
 }

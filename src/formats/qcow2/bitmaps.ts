@@ -381,16 +381,18 @@ export class Qcow2Bitmaps {
    * QEMU's qcow2_co_can_store_new_dirty_bitmap (after the node's own "already exists"
    * check): a new persistent bitmap `name` next to `persistent`, the node's others.
    */
-  checkStorable(name: string, granularity: number, persistent: readonly DirtyBitmap[]): void {
+  checkStorable(name: string, granularity: number, persistent?: readonly DirtyBitmap[]): void {
     const fail = (why: string) => invalidArgument(`Can't make bitmap '${name}' persistent in '${this.host.filename}': ${why}`);
     if (this.host.h.version < 3) throw fail('Cannot store dirty bitmaps in qcow2 v2 files');
     const problem = bitmapConstraintProblem(name, granularity, this.host.getLength(), this.cs);
     if (problem) throw fail(problem);
+    // Without the node's list, the directory as stored stands in for it.
+    const names = persistent ? persistent.map((b) => b.name ?? '') : this.slots.map((s) => s.entry.name);
     let count = 1;
     let dirSize = dirEntrySize(Buffer.byteLength(name), 0);
-    for (const b of persistent) {
+    for (const other of names) {
       count++;
-      dirSize += dirEntrySize(Buffer.byteLength(b.name ?? ''), 0);
+      dirSize += dirEntrySize(Buffer.byteLength(other), 0);
     }
     if (count > C.QCOW2_MAX_BITMAPS) throw fail('Maximum number of persistent bitmaps is already reached');
     if (dirSize > C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE) throw fail('Not enough space in the bitmap directory');
@@ -439,6 +441,8 @@ export class Qcow2Bitmaps {
     }
     if (toWrite.size === 0) return;
     if (this.host.readOnly) throw new VdiskError('EROFS', 'read-only', `${fn}: No write access`);
+    // Version 2 has no autoclear bits: whatever we stored, any other writer would make stale.
+    if (this.host.h.version < 3) throw unsupported(`${fn}: Cannot store dirty bitmaps in qcow2 v2 files`);
     const written: OldTable[] = [];
     try {
       for (const s of slots) {

@@ -589,7 +589,7 @@ export class Qcow2Driver extends Qcow2Snapshots implements BlockDriver {
     await this.bitmaps.store(bitmaps);
   }
 
-  checkBitmapStorable(name: string, granularity: number, persistent: readonly DirtyBitmap[]): void {
+  checkBitmapStorable(name: string, granularity: number, persistent?: readonly DirtyBitmap[]): void {
     this.bitmaps.checkStorable(name, granularity, persistent);
   }
 
