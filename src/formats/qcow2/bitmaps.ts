@@ -17,7 +17,7 @@
 import type { DirtyBitmap } from '../../block/dirty-bitmap.js';
 import { DirtyBitmap as Bitmap } from '../../block/dirty-bitmap.js';
 import { VdiskError, corrupt, invalidArgument, unsupported } from '../../block/errors.js';
-import type { BlockNode } from '../../block/node.js';
+import type { BlockIo } from '../../block/edge.js';
 import * as C from './constants.js';
 import type { Qcow2Header } from './header.js';
 import type { Refcounts } from './refcount.js';
@@ -51,7 +51,7 @@ function dirEntrySize(nameSize: number, extraDataSize: number): number {
 }
 
 /** Read [offset, offset+len): what lies past EOF reads as zeros, as in QEMU's block layer. */
-async function readPadded(file: BlockNode, offset: number, len: number): Promise<Buffer> {
+async function readPadded(file: BlockIo, offset: number, len: number): Promise<Buffer> {
   const buf = Buffer.alloc(len);
   const fileLen = file.getLength();
   if (Number.isSafeInteger(offset) && offset < fileLen) await file.pread(offset, buf.subarray(0, Math.min(len, fileLen - offset)));
@@ -130,7 +130,7 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
 }
 
 /** The bitmap directory of an image (empty without the extension). */
-export async function readBitmapDirectory(file: BlockNode, h: Qcow2Header, diskSize: number, fn: string): Promise<BitmapDirEntry[]> {
+export async function readBitmapDirectory(file: BlockIo, h: Qcow2Header, diskSize: number, fn: string): Promise<BitmapDirEntry[]> {
   const ext = h.bitmaps;
   if (!ext) return [];
   if (ext.bitmapDirectorySize === 0) throw corrupt(`${fn}: Requested bitmap directory size is zero`);
@@ -150,7 +150,7 @@ export function tableEntryProblem(entry: bigint, clusterSize: number): string | 
 }
 
 /** The raw bitmap table of an entry (past EOF reads as zeros), unchecked. */
-export async function readBitmapTableRaw(file: BlockNode, e: BitmapDirEntry): Promise<BigUint64Array> {
+export async function readBitmapTableRaw(file: BlockIo, e: BitmapDirEntry): Promise<BigUint64Array> {
   const buf = await readPadded(file, e.tableOffset, e.tableSize * C.BME_TABLE_ENTRY_SIZE);
   const table = new BigUint64Array(e.tableSize);
   for (let i = 0; i < e.tableSize; i++) table[i] = buf.readBigUInt64BE(i * 8);
@@ -158,7 +158,7 @@ export async function readBitmapTableRaw(file: BlockNode, e: BitmapDirEntry): Pr
 }
 
 /** QEMU's bitmap_table_load: the table, every entry checked; throws QEMU's open error. */
-export async function readBitmapTable(file: BlockNode, e: BitmapDirEntry, clusterSize: number, fn: string): Promise<BigUint64Array> {
+export async function readBitmapTable(file: BlockIo, e: BitmapDirEntry, clusterSize: number, fn: string): Promise<BigUint64Array> {
   const table = await readBitmapTableRaw(file, e);
   for (let i = 0; i < table.length; i++) {
     const problem = tableEntryProblem(table[i], clusterSize);
@@ -184,7 +184,7 @@ export interface OpenedBitmap {
  * size, and the names. `vdisk check` calls this too: an image that does not open is not
  * checked (qemu-img cannot open it either).
  */
-export async function readBitmapsForOpen(file: BlockNode, h: Qcow2Header, diskSize: number, fn: string): Promise<OpenedBitmap[]> {
+export async function readBitmapsForOpen(file: BlockIo, h: Qcow2Header, diskSize: number, fn: string): Promise<OpenedBitmap[]> {
   const cs = 2 ** h.clusterBits;
   const out: OpenedBitmap[] = [];
   const names = new Set<string>();
@@ -211,7 +211,7 @@ export async function readBitmapsForOpen(file: BlockNode, h: Qcow2Header, diskSi
 }
 
 /** Fill an empty in-memory bitmap from its checked table (QEMU's load_bitmap_data). */
-async function loadBitmapData(file: BlockNode, table: BigUint64Array, bitmap: DirtyBitmap, clusterSize: number): Promise<void> {
+async function loadBitmapData(file: BlockIo, table: BigUint64Array, bitmap: DirtyBitmap, clusterSize: number): Promise<void> {
   const total = bitmap.serializedSize;
   const buf = Buffer.alloc(clusterSize);
   for (let i = 0; i < table.length; i++) {
@@ -282,7 +282,8 @@ export function bitmapInfo(e: BitmapDirEntry): BitmapInfo {
 
 /** What the bitmap store needs of the qcow2 driver. Every method is called under its lock. */
 export interface BitmapHost {
-  readonly file: BlockNode;
+  /** The image file (the driver's `file` edge). */
+  readonly file: BlockIo;
   readonly h: Qcow2Header;
   readonly filename: string;
   readonly readOnly: boolean;
@@ -564,7 +565,7 @@ export class Qcow2Bitmaps {
   }
 
   /**
-   * Free a table's data clusters (discarded: nothing points at them any more) and the
+   * Free a table's data clusters (queued for discard: nothing points at them any more) and the
    * table. A table with a broken entry frees nothing (QEMU's free_bitmap_clusters): its
    * clusters leak rather than risk freeing someone else's. Failures only leak.
    */
@@ -574,8 +575,9 @@ export class Qcow2Bitmaps {
     const cs = this.cs;
     const release = async (off: number, n: number, discard: boolean) => {
       try {
+        // Punched with the driver's next flush, once the refcount change is on disk too.
         const freed = await refcounts.update(off / cs, n, -1);
-        if (discard && freed.length) await file.pdiscard(off, cs).catch(() => {});
+        if (discard) refcounts.queueDiscards(freed);
       } catch {
         // a refcount already 0 or no refcount block: the image was inconsistent; leave it
       }
