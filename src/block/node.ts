@@ -423,15 +423,15 @@ export class BlockNode {
     this.contentChanged(true);
     try {
       await this.drainWrites();
-      const oldLength = this.getLength();
       try {
         await this.driver.truncate(length, prealloc);
       } finally {
         this.writeGeneration++;
+        // Bitmaps follow the new length; grown space starts clean, as in QEMU
+        // (bdrv_dirty_bitmap_truncate), so both agree on the dirty map after a resize. A
+        // backup of a resized disk must notice the size change itself (it does: full read).
         const newLength = this.getLength();
         for (const b of this.bitmaps) b.resize(newLength);
-        // Growing exposes new content (zeros or a backing file's data): it is a change.
-        if (newLength > oldLength) this.markDirty(oldLength, newLength - oldLength);
       }
     } finally {
       this.contentChanged(true);
