@@ -57,6 +57,11 @@ export async function* mapImage(node: BlockNode, start = 0, maxLength = Infinity
   if (cur) yield cur;
 }
 
+/** printf's %#x, which qemu-img map uses: no 0x prefix on zero. */
+function hex(n: number): string {
+  return n === 0 ? '0' : `0x${n.toString(16)}`;
+}
+
 function jsonLine(m: MapEntry): string {
   const off = m.offset !== undefined ? `, "offset": ${m.offset}` : '';
   return `{ "start": ${m.start}, "length": ${m.length}, "depth": ${m.depth}, "present": ${m.present}, "zero": ${m.zero}, "data": ${m.data}${off}}`;
@@ -90,7 +95,7 @@ export function register(program: Command): void {
           process.stdout.write(`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`);
           let cur: MapEntry | null = null;
           const flush = (m: MapEntry) => process.stdout.write(
-            `${('0x' + m.start.toString(16)).padEnd(16)}${('0x' + m.length.toString(16)).padEnd(16)}${('0x' + (m.offset ?? 0).toString(16)).padEnd(16)}${m.file ?? ''}\n`);
+            `${hex(m.start).padEnd(16)}${hex(m.length).padEnd(16)}${hex(m.offset ?? 0).padEnd(16)}${m.file ?? ''}\n`);
           for await (const m of mapImage(node, start, maxLength)) {
             if (!m.data || m.offset === undefined) continue;
             if (cur && cur.file === m.file && cur.start + cur.length === m.start && cur.offset! + cur.length === m.offset) {
