@@ -132,7 +132,7 @@ describe('rbd interop', () => {
     assert.equal(vd(['map', '--output=json', ...part, img]), peer('qemu-img', ['map', '--output=json', '-f', 'raw', ...part, img]));
   });
 
-  test('without fast-diff vdisk still finds holes (qemu-img reports all data there)', async (t) => {
+  test('without fast-diff, and in clones, vdisk still finds holes (qemu-img reports all data there)', async (t) => {
     if (!ready(t)) return;
     const name = c.name();
     c.rbd('create', '--size', '32M', '--image-feature', 'layering', `rbd/${name}`);
@@ -140,6 +140,20 @@ describe('rbd interop', () => {
     const map = JSON.parse(vd(['map', '--output=json', `rbd:rbd/${name}`])) as Array<{ start: number; length: number; data: boolean }>;
     assert.deepEqual(map.map((m) => [m.start, m.length, m.data]), [[0, 8 * MiB, false], [8 * MiB, 4 * MiB, true], [12 * MiB, 20 * MiB, false]]);
     assert.match(vd(['info', `rbd:rbd/${name}`]), /block status from rbd_diff_iterate2, object by object/);
+
+    // A clone: the parent's data counts as data (and reads through), its own writes too.
+    const parent = c.name('parent');
+    const child = c.name('clone');
+    c.rbd('create', '--size', '32M', `rbd/${parent}`);
+    vd(['io', '-c', 'write -P 9 4M 64k', `rbd:rbd/${parent}`]);
+    c.rbd('snap', 'create', `rbd/${parent}@base`);
+    c.rbd('snap', 'protect', `rbd/${parent}@base`);
+    c.rbd('clone', `rbd/${parent}@base`, `rbd/${child}`);
+    vd(['io', '-c', 'write -P 8 20M 64k', `rbd:rbd/${child}`]);
+    const cmap = JSON.parse(vd(['map', '--output=json', `rbd:rbd/${child}`])) as Array<{ start: number; length: number; data: boolean }>;
+    assert.deepEqual(cmap.filter((m) => m.data).map((m) => [m.start, m.length]), [[4 * MiB, 4 * MiB], [20 * MiB, 4 * MiB]]);
+    vd(['io', '-r', '-c', 'read -P 9 4M 64k', '-c', 'read -P 8 20M 64k', '-c', 'read -P 0 0 4M', `rbd:rbd/${child}`]);
+    assert.match(vd(['info', `rbd:rbd/${child}`]), /a clone/);
   });
 
   test('resize and info agree with rbd and qemu-img', async (t) => {

@@ -510,7 +510,7 @@ export class RbdDriver implements BlockDriver {
     const notes = [
       `rbd: pool '${loc.pool}'${loc.namespace ? `, namespace '${loc.namespace}'` : ''}, image '${loc.image}'` +
         `${loc.snapshot !== undefined ? `, snapshot '${loc.snapshot}' (read-only)` : ''}; librbd ${this.api.version()}`,
-      `rbd: object size ${formatSize(s.objectSize)}; features ${features}`,
+      `rbd: object size ${formatSize(s.objectSize)}; features ${features}${s.hasParent ? '; a clone (reads fall through to its parent)' : ''}`,
       `rbd: block status ${this.statusSource()}`,
       ...this.openNotes,
     ];
